@@ -537,8 +537,21 @@ def init_sac(args: Args, obs_dim: int, act_dim: int, key):
     return actor, critic, state
 
 
+def random_subset_min(q, key, num_min_qs: int):
+    """REDQ-style target: min over `num_min_qs` ensemble members drawn without replacement.
+    q: (num_qs, batch). A fresh key, so a fresh subset, at every critic step."""
+    members = jax.random.choice(key, q.shape[0], (num_min_qs,), replace=False)
+    return q[members].min(0)
+
+
+def bootstrap_masks(terminated, mode: str) -> np.ndarray:
+    """always: continuing task, every transition bootstraps; truncated: a true termination stops it."""
+    terminated = np.asarray(terminated, np.float32)
+    return np.ones_like(terminated) if mode == "always" else 1.0 - terminated
+
+
 def make_update(args: Args, actor: Actor, critic: nn.Module, act_dim: int):
-    """Builds update_one (one minibatch) and update_many (n of them in one lax.scan, jitted)."""
+    """Returns sample_batch, update_one (one minibatch) and update_many (n of them in one jitted lax.scan)."""
     half = args.batch_size // 2
     target_entropy = -args.target_entropy_scale * act_dim
 
@@ -554,9 +567,7 @@ def make_update(args: Args, actor: Actor, critic: nn.Module, act_dim: int):
         alpha = jnp.exp(s.temp.params["log_alpha"])
         next_a, next_logp = sample_action(actor, s.actor.params, batch["next_obs"], k_pi)
         next_q = critic.apply({"params": s.target_params}, batch["next_obs"], next_a)
-        # REDQ-style target: min over a fresh random subset of the ensemble
-        members = jax.random.choice(k_sub, args.num_qs, (args.num_min_qs,), replace=False)
-        next_v = next_q[members].min(0)
+        next_v = random_subset_min(next_q, k_sub, args.num_min_qs)
         if args.backup_entropy:
             next_v -= alpha * next_logp
         target = batch["rewards"] + args.gamma * batch["masks"] * next_v
@@ -612,7 +623,7 @@ def make_update(args: Args, actor: Actor, critic: nn.Module, act_dim: int):
         n_actor = max(n // args.actor_update_freq, 1)  # actor metrics are 0 on critic-only steps
         return s, {k: v.sum() / n_actor if k in zeros_actor_info else v.mean() for k, v in infos.items()}
 
-    return update_one, update_many
+    return sample_batch, update_one, update_many
 
 
 # ======================================================================================================
@@ -803,14 +814,11 @@ def main(args: Args) -> None:
                               critic=state.critic.replace(params=ckpt["critic_params"]),
                               target_params=jax.tree_util.tree_map(jnp.array, ckpt["target_params"]),
                               temp=state.temp.replace(params={"log_alpha": jnp.asarray(ckpt["log_alpha"])}))
-    update_one, update_many = make_update(args, actor, critic, act_dim)
+    _, _, update_many = make_update(args, actor, critic, act_dim)
     policy_sample = jax.jit(partial(sample_action, actor))
     policy_det = jax.jit(partial(deterministic_action, actor))
 
-    def mask_of(terminated):
-        return np.ones_like(terminated, np.float32) if args.bootstrap_at_done == "always" else 1.0 - terminated
-
-    offline = demo_buffer(demos, mask_of(demos.terminated))
+    offline = demo_buffer(demos, bootstrap_masks(demos.terminated, args.bootstrap_at_done))
     online = ReplayBuffer(args.buffer_size, obs_dim, act_dim)
 
     writer = SummaryWriter(str(run_dir))
@@ -881,7 +889,7 @@ def main(args: Args) -> None:
             if args.bootstrap_at_done == "truncated":
                 ended |= terminated
             online.add({"obs": obs, "actions": actions, "rewards": success.astype(np.float32),
-                        "next_obs": next_obs, "masks": mask_of(terminated.astype(np.float32))})
+                        "next_obs": next_obs, "masks": bootstrap_masks(terminated, args.bootstrap_at_done)})
             obs = next_obs
             global_step += n
             if ended.any():

@@ -1,0 +1,56 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+ENV_ID, OBS_MODE, CONTROL_MODE = "PickCube-v1", "state", "pd_joint_delta_pos"
+PICKCUBE_OBS_DIM, PICKCUBE_ACT_DIM = 42, 8
+
+
+@pytest.fixture(scope="session")
+def asset_dir(tmp_path_factory):
+    """A fresh ManiSkill asset dir for the whole session (demos are generated into it once)."""
+    d = tmp_path_factory.mktemp("ms_assets")
+    old = os.environ.get("MS_ASSET_DIR")
+    os.environ["MS_ASSET_DIR"] = str(d)
+    yield d
+    if old is None:
+        os.environ.pop("MS_ASSET_DIR", None)
+    else:
+        os.environ["MS_ASSET_DIR"] = old
+
+
+@pytest.fixture(scope="session")
+def demo_path(asset_dir):
+    """3 PickCube demos generated offline by ManiSkill's motion planner (real simulator)."""
+    import common
+
+    return common.get_demos(ENV_ID, OBS_MODE, CONTROL_MODE, 3)
+
+
+def run_script(args, cwd, timeout=600, check=True):
+    """Run a repo script like a user would; returns CompletedProcess with text output."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def error_line(proc) -> str:
+    """The last stderr line of a failed run: our one-line user errors start with 'error: '."""
+    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    return lines[-1] if lines else ""
+
+
+def read_scalars(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
