@@ -1,6 +1,6 @@
 """RFCL: Reverse Forward Curriculum Learning (Tao et al., ICLR 2024) on ManiSkill3, in JAX.
 
-Read alongside docs/rfcl.md. One file, top to bottom: Args -> environments -> curricula ->
+Read alongside the README. One file, top to bottom: Args -> environments -> curricula ->
 networks and the jitted SAC update -> replay buffers -> checkpoints -> eval -> main loop.
     python rfcl.py --env-id PickCube-v1 --num-demos 5
 """
@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import json
 import os
+import signal
 import sys
 import time
 import warnings
@@ -111,8 +112,10 @@ class Args:
     """critics drawn (without replacement, anew each step) whose min forms the target"""
     actor_update_freq: int = 1
     """actor and temperature step every this many critic steps"""
-    init_temperature: float = 1.0
-    """initial entropy temperature alpha"""
+    init_temperature: float = 0.01
+    """initial entropy temperature alpha (learned afterwards). Not 1.0: on ManiSkill3 tasks whose success needs a
+    static robot, alpha = 1 drives the policy to maximum entropy before any online success, and with a flat Q
+    nothing brings it back (README, "Why the initial temperature is 0.01")"""
     target_entropy_scale: float = 0.5
     """target entropy = -scale * action_dim"""
     backup_entropy: bool = False
@@ -970,4 +973,6 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
+    # a plain `kill` becomes a normal exit, so the simulator worker processes are reaped, not orphaned
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     main(parse_args())

@@ -1,0 +1,107 @@
+"""rfcl.py end to end on real ManiSkill (CPU), run as a user runs it."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, error_line, read_scalars, run_script
+
+TINY = ["--num-demos", "2", "--total-timesteps", "480", "--num-seed-steps", "160", "--num-envs", "2",
+        "--num-eval-envs", "2", "--num-eval-episodes", "2", "--eval-freq", "240", "--log-freq", "64",
+        "--save-freq", "320", "--max-episode-steps", "20", "--steps-per-env", "4", "--grad-updates-per-step", "4",
+        "--render-size", "64", "--num-seeds", "20"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(demo_path, tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("rfcl_run")
+    proc = run_script([str(ROOT / "rfcl.py"), "--exp-name", "tiny", *TINY], cwd)
+    return cwd, cwd / "runs" / "tiny", proc
+
+
+def test_short_run_writes_events_video_args_and_checkpoints(tiny_run):
+    cwd, run_dir, proc = tiny_run
+    args = json.loads((run_dir / "args.json").read_text())
+    assert args["env_id"] == "PickCube-v1" and args["num_demos"] == 2
+    scalars = read_scalars(run_dir)
+    for tag in ("charts/SPS", "charts/episodic_return", "losses/qf_loss", "losses/actor_loss", "losses/alpha",
+                "eval/success_once", "eval/success_at_end", "eval/return", "curriculum/stage",
+                "curriculum/reverse_solved_frac", "curriculum/start_step_frac_mean", "curriculum/seeds_on_edge_frac"):
+        assert tag in scalars, f"missing tensorboard tag {tag}"
+    assert [s for s, _ in scalars["eval/success_at_end"]] == [240, 480], "eval against env steps"
+    assert scalars["curriculum/start_step_frac_mean"][0][1] == 1.0, "the frontier starts at the demos' ends"
+    videos = sorted((run_dir / "videos").glob("*.mp4"))
+    assert [v.name for v in videos] == ["eval_00000240.mp4", "eval_00000480.mp4"]
+    assert all(v.stat().st_size > 1000 for v in videos)
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert ckpts == ["final.ckpt", "step_00000320.ckpt"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["global_step"] == 480
+
+
+def test_evaluate_loads_the_checkpoint_and_reports_success(tiny_run):
+    cwd, run_dir, _ = tiny_run
+    proc = run_script([str(ROOT / "rfcl.py"), "--evaluate", "--checkpoint", str(run_dir / "checkpoints/final.ckpt"),
+                       "--exp-name", "tiny_eval", "--num-eval-envs", "2", "--num-eval-episodes", "2",
+                       "--max-episode-steps", "10", "--render-size", "64"], cwd)
+    metrics = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(metrics) >= {"eval/success_once", "eval/success_at_end", "eval/return"}
+    assert 0.0 <= metrics["eval/success_at_end"] <= 1.0 and metrics["eval/episodes"] == 2
+    assert (cwd / "runs" / "tiny_eval" / "videos" / "eval.mp4").exists()
+
+
+def test_an_existing_run_directory_is_never_overwritten(tiny_run):
+    cwd, run_dir, _ = tiny_run
+    before = {p: p.stat().st_mtime for p in run_dir.rglob("*")}
+    proc = run_script([str(ROOT / "rfcl.py"), "--exp-name", "tiny", *TINY], cwd, check=False)
+    assert proc.returncode != 0
+    assert error_line(proc) == (f"error: run directory runs/tiny already exists; pass another --exp-name "
+                                f"(nothing was overwritten)")
+    assert {p: p.stat().st_mtime for p in run_dir.rglob("*")} == before
+
+
+def test_bad_input_errors_are_one_line(tiny_run, demo_path, tmp_path):
+    cwd, run_dir, _ = tiny_run
+    cases = [
+        (["--env-id", "PickCub-v1"], "error: unknown env id 'PickCub-v1'; did you mean PickCube-v1"),
+        (["--dataset-path", str(demo_path), "--num-demos", "500"], "error: --num-demos 500 but"),
+        (["--dataset-path", str(tmp_path / "missing.h5")], "error: demo file"),
+        (["--evaluate", "--checkpoint", str(tmp_path / "none.ckpt")], "error: checkpoint"),
+        (["--evaluate", "--checkpoint", str(run_dir / "checkpoints/final.ckpt"), "--env-id", "StackCube-v1"],
+         "error: " + str(run_dir / "checkpoints/final.ckpt") + " was trained with --env-id PickCube-v1"),
+        (["--sim-backend", "gpu"], "error: GPU simulation needs CUDA; use --sim-backend cpu"),
+    ]
+    for i, (extra, start) in enumerate(cases):
+        proc = run_script([str(ROOT / "rfcl.py"), "--exp-name", f"bad{i}", *extra], cwd, check=False, timeout=300)
+        assert proc.returncode != 0, extra
+        line = error_line(proc)
+        assert line.startswith(start), (extra, line)
+        assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_reset_to_a_demo_state_gives_the_demo_observation(demo_path):
+    """The CPU worker resets to (demo, t) and returns the demo's recorded observation; the simulator state
+    matches it (all but the contact flag, which the next physics step refreshes)."""
+    import common
+    import rfcl
+
+    demos = common.load_demos(demo_path, 2)
+    env = rfcl.CPUWorkerEnv(vars(rfcl.Args()) | {"hidden_dims": [256] * 3}, 1, demos.env_states, demos.traj_obs,
+                            demos.episodes, record=False)
+    try:
+        for i in range(2):
+            for t in (0, 10, len(demos.traj_obs[i]) - 1):
+                obs, _ = env.reset(options={"demo_starts": [None, (i, t)]})
+                np.testing.assert_array_equal(obs, demos.traj_obs[i][t])
+                sim_obs = env.unwrapped.get_obs().cpu().numpy()[0]
+                diff = np.abs(sim_obs - demos.traj_obs[i][t])
+                diff[18] = 0  # is_grasped
+                assert diff.max() < 1e-4
+                # one demo action from here reproduces the demo's next observation
+                if t < len(demos.traj_obs[i]) - 1:
+                    k = int(np.flatnonzero(demos.traj_end)[i - 1] + 1 if i else 0) + t
+                    nxt, *_ = env.step(demos.actions[k])
+                    np.testing.assert_allclose(nxt, demos.traj_obs[i][t + 1], atol=2e-3)
+    finally:
+        env.close()

@@ -1,0 +1,46 @@
+"""rlpd.py end to end on real ManiSkill (CPU): both presets, then --evaluate on what they saved."""
+
+import json
+
+import pytest
+
+from conftest import ROOT, error_line, read_scalars, run_script
+
+COMMON = ["--num-demos", "2", "--num-eval-envs", "2", "--num-eval-episodes", "2", "--log-freq", "32",
+          "--render-size", "64", "--max-episode-steps", "20"]
+PRESETS = {
+    "walltime": ["--num-envs", "2", "--total-timesteps", "320", "--num-seed-steps", "128", "--eval-freq", "160",
+                 "--grad-updates-per-step", "4", "--save-freq", "160"],
+    # the real preset (1 env, UTD 16, 10 critics), only shorter
+    "sample-efficient": ["--total-timesteps", "160", "--num-seed-steps", "128", "--eval-freq", "80",
+                         "--save-freq", "80"],
+}
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_preset_run_writes_events_video_and_a_checkpoint_that_evaluates(preset, demo_path, tmp_path):
+    name = f"rlpd_{preset}"
+    run_script([str(ROOT / "rlpd.py"), "--preset", preset, "--exp-name", name, *COMMON, *PRESETS[preset]], tmp_path)
+    run_dir = tmp_path / "runs" / name
+    args = json.loads((run_dir / "args.json").read_text())
+    assert args["preset"] == preset
+    if preset == "sample-efficient":
+        assert (args["num_envs"], args["grad_updates_per_step"], args["num_qs"], args["num_min_qs"]) == (1, 16, 10, 2)
+    scalars = read_scalars(run_dir)
+    for tag in ("charts/SPS", "charts/episodic_return", "losses/qf_loss", "losses/actor_loss", "losses/alpha",
+                "eval/success_once", "eval/success_at_end", "eval/return"):
+        assert tag in scalars, tag
+    assert not any(t.startswith("curriculum/") for t in scalars)
+    assert len(list((run_dir / "videos").glob("eval_*.mp4"))) == 2
+    assert (run_dir / "checkpoints" / "final.ckpt").exists()
+
+    proc = run_script([str(ROOT / "rlpd.py"), "--evaluate", "--checkpoint", str(run_dir / "checkpoints/final.ckpt"),
+                       "--exp-name", f"{name}_eval", "--num-eval-envs", "2", "--num-eval-episodes", "2",
+                       "--max-episode-steps", "5", "--no-capture-video"], tmp_path)
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["eval/episodes"] == 2
+
+    # the other script refuses it with a one-line error
+    proc = run_script([str(ROOT / "rfcl.py"), "--evaluate", "--checkpoint", str(run_dir / "checkpoints/final.ckpt"),
+                       "--exp-name", f"{name}_wrong"], tmp_path, check=False)
+    assert proc.returncode != 0
+    assert error_line(proc).endswith("is a rlpd checkpoint, not rfcl; use rlpd.py or collect_demos.py")
