@@ -865,7 +865,7 @@ def main(args: Args) -> None:
     obs = start_episodes(np.ones(n, bool))
     global_step, stage1_end_step, last_log, last_eval, last_save = 0, None, 0, 0, 0
     last_success = float("nan")
-    t_sim = t_update = 0.0
+    t_sim = t_update = t_eval = 0.0
     t_start = time.time()
     info, finished_returns, finished_success = {}, [], []
     pbar = tqdm(total=args.total_timesteps, unit="step", dynamic_ncols=True, smoothing=0.05)
@@ -936,7 +936,8 @@ def main(args: Args) -> None:
             sps = global_step / elapsed
             scalars = {"charts/SPS": sps, "curriculum/stage": stage, **reverse.stats(), **forward.stats(),
                        "time/simulation_frac": t_sim / elapsed, "time/update_frac": t_update / elapsed,
-                       "time/other_frac": 1 - (t_sim + t_update) / elapsed}
+                       "time/eval_frac": t_eval / elapsed,
+                       "time/other_frac": 1 - (t_sim + t_update + t_eval) / elapsed}
             if learning:
                 scalars.update({k: float(v) for k, v in info.items()})
             if finished_returns:
@@ -949,7 +950,9 @@ def main(args: Args) -> None:
                              rev=f"{reverse.solved.mean():.2f}")
         if global_step - last_eval >= args.eval_freq or global_step >= args.total_timesteps:
             last_eval = global_step
+            t0 = time.time()
             metrics = do_eval()
+            t_eval += time.time() - t0
             last_success = metrics["eval/success_at_end"]
             for k, v in metrics.items():
                 writer.add_scalar(k, v, global_step)
@@ -964,7 +967,7 @@ def main(args: Args) -> None:
                     {"stage": stage, "stage1_end_step": stage1_end_step, **reverse.state_dict()})
     summary = {"global_step": global_step, "stage": stage, "stage1_end_step": stage1_end_step,
                "eval_success_at_end": last_success, "wall_clock_s": time.time() - t_start,
-               "time_simulation_s": t_sim, "time_update_s": t_update}
+               "time_simulation_s": t_sim, "time_update_s": t_update, "time_eval_s": t_eval}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary))
     writer.close()
