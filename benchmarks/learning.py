@@ -1,0 +1,151 @@
+"""Learning curves: run (or reuse) several seeds of rfcl.py / rlpd.py, then plot and tabulate eval success.
+
+    python benchmarks/learning.py --algo rfcl --env-id PickCube-v1 --num-demos 5 --seeds 1 2 3 --total-timesteps 200000
+    python benchmarks/learning.py --runs runs/a runs/b --label rfcl-fast       # existing runs, nothing is trained
+
+Writes <out>/<name>.png (eval success_at_end vs env steps and vs wall-clock, mean and min-max over seeds),
+<out>/<name>.json and <out>/<name>.md (env steps and wall-clock to first reach 0.5 and 0.9, final success, SPS).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+THRESHOLDS = (0.5, 0.9)
+TAG = "eval/success_at_end"
+
+
+@dataclass
+class Args:
+    algo: Literal["rfcl", "rlpd"] = "rfcl"
+    """script to run for the seeds that have no run yet"""
+    env_id: str = "PickCube-v1"
+    num_demos: int = 5
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    total_timesteps: int = 200_000
+    runs: list[str] = field(default_factory=list)
+    """existing run directories to read instead of (or besides) training; reused, never retrained"""
+    label: Optional[str] = None
+    """legend label (default: <algo>)"""
+    extra: list[str] = field(default_factory=list)
+    """further flags for the script, e.g. --extra=--preset --extra=sample-efficient"""
+    out: str = "benchmarks/results"
+    name: Optional[str] = None
+    """output file stem (default: <algo>_<env-id>)"""
+
+
+# ---- reading logs --------------------------------------------------------------------------------------
+def read_run(run_dir) -> dict:
+    """Eval curve of one run: steps, success, wall-clock seconds since the run's first event, and mean SPS."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    if TAG not in tags:
+        raise ValueError(f"{run_dir} has no {TAG} events; is it an rfcl.py/rlpd.py run that evaluated at least once?")
+    events = acc.Scalars(TAG)
+    t0 = min(e.wall_time for t in tags for e in acc.Scalars(t)[:1])
+    sps = [e.value for e in acc.Scalars("charts/SPS")] if "charts/SPS" in tags else []
+    return {"run": str(run_dir), "steps": np.array([e.step for e in events]),
+            "success": np.array([e.value for e in events]),
+            "wall_s": np.array([e.wall_time - t0 for e in events]), "sps": float(sps[-1]) if sps else float("nan")}
+
+
+def first_reach(steps, values, wall_s, threshold: float):
+    """(env steps, wall-clock s) at the first eval with value >= threshold, or (None, None)."""
+    # events store float32: 45/50 reads back as 0.89999998, which must count as reaching 0.9
+    hit = np.flatnonzero(np.asarray(values) >= threshold - 1e-6)
+    if len(hit) == 0:
+        return None, None
+    return int(steps[hit[0]]), float(wall_s[hit[0]])
+
+
+def summarise(curves: list[dict]) -> dict:
+    rows = []
+    for c in curves:
+        row = {"run": c["run"], "final_success": float(c["success"][-1]), "final_step": int(c["steps"][-1]),
+               "wall_clock_s": float(c["wall_s"][-1]), "sps": c["sps"]}
+        for th in THRESHOLDS:
+            row[f"steps_to_{th}"], row[f"wall_s_to_{th}"] = first_reach(c["steps"], c["success"], c["wall_s"], th)
+        rows.append(row)
+    return {"runs": rows, "mean_final_success": float(np.mean([r["final_success"] for r in rows])),
+            "seeds_reaching_0.9": sum(r["steps_to_0.9"] is not None for r in rows), "num_runs": len(rows)}
+
+
+def markdown(summary: dict, label: str) -> str:
+    fmt = lambda v, f="{:,}": "not reached" if v is None else f.format(v)  # noqa: E731
+    lines = [f"### {label}", "", "| run | steps to 0.5 | steps to 0.9 | wall-clock to 0.9 | final success | env steps/s |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in summary["runs"]:
+        lines.append(f"| {Path(r['run']).name} | {fmt(r['steps_to_0.5'])} | {fmt(r['steps_to_0.9'])} | "
+                     f"{fmt(r['wall_s_to_0.9'], '{:.0f} s')} | {r['final_success']:.2f} at {r['final_step']:,} | "
+                     f"{r['sps']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---- plotting --------------------------------------------------------------------------------------------
+def plot(groups: dict[str, list[dict]], path) -> None:
+    """Two panels, one line per group: mean over its runs with a min-max band, vs env steps and vs hours."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
+    for label, curves in groups.items():
+        for ax, key, scale in ((axes[0], "steps", 1.0), (axes[1], "wall_s", 1 / 3600)):
+            grid = np.linspace(0, min(c[key][-1] for c in curves), 100)
+            ys = np.array([np.interp(grid, c[key], c["success"]) for c in curves])
+            (line,) = ax.plot(grid * scale, ys.mean(0), label=f"{label} ({len(curves)} runs)")
+            ax.fill_between(grid * scale, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
+    axes[0].set_xlabel("env steps")
+    axes[1].set_xlabel("wall-clock (hours)")
+    for ax in axes:
+        ax.set_ylabel("eval success_at_end")
+        ax.set_ylim(-0.02, 1.02)
+        ax.axhline(0.9, color="gray", lw=0.8, ls="--")
+        ax.grid(alpha=0.3)
+    axes[0].legend(loc="lower right")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ---- main ------------------------------------------------------------------------------------------------
+def main(args: Args) -> None:
+    label = args.label or args.algo
+    name = args.name or f"{args.algo}_{args.env_id}"
+    run_dirs = [Path(r) for r in args.runs]
+    if not args.runs:
+        for seed in args.seeds:
+            run = ROOT / "runs" / f"bench_{name}_s{seed}"
+            if not run.exists():  # a finished or interrupted run is reused, never retrained or overwritten
+                subprocess.run([sys.executable, str(ROOT / f"{args.algo}.py"), "--env-id", args.env_id,
+                                "--num-demos", str(args.num_demos), "--seed", str(seed), "--total-timesteps",
+                                str(args.total_timesteps), "--exp-name", run.name, *args.extra], cwd=ROOT, check=True)
+            run_dirs.append(run)
+    curves = [read_run(r) for r in run_dirs]
+    summary = summarise(curves)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plot({label: curves}, out / f"{name}.png")
+    (out / f"{name}.json").write_text(json.dumps({"label": label, **summary}, indent=2))
+    (out / f"{name}.md").write_text(markdown(summary, label))
+    print(markdown(summary, label))
+    print(f"wrote {out / name}.png/.json/.md")
+
+
+if __name__ == "__main__":
+    import tyro
+
+    main(tyro.cli(Args, description=__doc__))

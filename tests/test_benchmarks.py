@@ -1,0 +1,66 @@
+"""benchmarks/learning.py: log parsing, time-to-threshold and plotting on synthetic runs (real tensorboard writer)."""
+
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import learning  # noqa: E402
+
+
+def write_run(path, successes, step=10_000, t0=1_000_000.0, seconds_per_eval=100.0, sps=None):
+    from torch.utils.tensorboard import SummaryWriter
+
+    w = SummaryWriter(str(path))
+    w.add_scalar("charts/SPS", 50.0, 0, walltime=t0)
+    for i, s in enumerate(successes, 1):
+        w.add_scalar("eval/success_at_end", s, i * step, walltime=t0 + i * seconds_per_eval)
+        w.add_scalar("charts/SPS", sps or 60.0 + i, i * step, walltime=t0 + i * seconds_per_eval)
+    w.close()
+    return path
+
+
+def test_read_run_and_first_reach(tmp_path):
+    c = learning.read_run(write_run(tmp_path / "a", [0.0, 0.3, 0.6, 0.95, 0.88]))
+    assert c["steps"].tolist() == [10_000, 20_000, 30_000, 40_000, 50_000]
+    np.testing.assert_allclose(c["wall_s"], [100, 200, 300, 400, 500], atol=1e-3)
+    assert c["sps"] == pytest.approx(65.0)
+    assert learning.first_reach(c["steps"], c["success"], c["wall_s"], 0.5) == (30_000, pytest.approx(300, abs=1e-3))
+    assert learning.first_reach(c["steps"], c["success"], c["wall_s"], 0.9)[0] == 40_000
+    assert learning.first_reach(c["steps"], c["success"], c["wall_s"], 0.99) == (None, None)
+
+
+def test_summary_and_table_count_seeds_that_reach_the_target(tmp_path):
+    curves = [learning.read_run(write_run(tmp_path / "a", [0.2, 0.9, 1.0])),
+              learning.read_run(write_run(tmp_path / "b", [0.0, 0.4, 0.6]))]
+    s = learning.summarise(curves)
+    assert s["seeds_reaching_0.9"] == 1 and s["num_runs"] == 2
+    assert s["mean_final_success"] == pytest.approx(0.8)
+    assert s["runs"][1]["steps_to_0.5"] == 30_000 and s["runs"][1]["steps_to_0.9"] is None
+    md = learning.markdown(s, "rfcl")
+    assert "| a | 20,000 | 20,000 | 200 s | 1.00 at 30,000 |" in md
+    assert "| b | 30,000 | not reached | not reached | 0.60 at 30,000 |" in md
+
+
+def test_a_run_without_evals_is_a_clear_error(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    w = SummaryWriter(str(tmp_path / "empty"))
+    w.add_scalar("charts/SPS", 1.0, 0)
+    w.close()
+    with pytest.raises(ValueError, match="has no eval/success_at_end events"):
+        learning.read_run(tmp_path / "empty")
+
+
+def test_plot_writes_a_png_of_the_expected_size(tmp_path):
+    from PIL import Image
+
+    curves = [learning.read_run(write_run(tmp_path / f"r{i}", np.linspace(0, 1, 8) ** (i + 1))) for i in range(3)]
+    out = tmp_path / "plot.png"
+    learning.plot({"rfcl": curves, "rlpd": curves[:1]}, out)
+    img = Image.open(out)
+    assert img.size == (1100, 400)
+    assert len(np.unique(np.asarray(img.convert("L")))) > 10, "not a blank image"
