@@ -99,6 +99,7 @@ def plot(groups: dict[str, list[dict]], path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
     for label, curves in groups.items():
@@ -107,6 +108,7 @@ def plot(groups: dict[str, list[dict]], path) -> None:
             ys = np.array([np.interp(grid, c[key], c["success"]) for c in curves])
             (line,) = ax.plot(grid * scale, ys.mean(0), label=f"{label} ({len(curves)} runs)")
             ax.fill_between(grid * scale, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
+    axes[0].xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1000:.0f}k"))
     axes[0].set_xlabel("env steps")
     axes[1].set_xlabel("wall-clock (hours)")
     for ax in axes:
