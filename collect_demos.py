@@ -9,7 +9,6 @@ so `python -m mani_skill.trajectory.replay_trajectory` replays the file and comm
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import json
 import os

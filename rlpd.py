@@ -7,7 +7,6 @@ jitted SAC update -> replay buffers -> checkpoints -> eval -> main loop.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import difflib
 import json

@@ -56,8 +56,8 @@ def test_an_existing_run_directory_is_never_overwritten(tiny_run):
     before = {p: p.stat().st_mtime for p in run_dir.rglob("*")}
     proc = run_script([str(ROOT / "rfcl.py"), "--exp-name", "tiny", *TINY], cwd, check=False)
     assert proc.returncode != 0
-    assert error_line(proc) == (f"error: run directory runs/tiny already exists; pass another --exp-name "
-                                f"(nothing was overwritten)")
+    assert error_line(proc) == ("error: run directory runs/tiny already exists; pass another --exp-name "
+                                "(nothing was overwritten)")
     assert {p: p.stat().st_mtime for p in run_dir.rglob("*")} == before
 
 

@@ -1,7 +1,6 @@
 """rfcl.py's curricula in isolation, and its presets (the SAC core is tested in test_sac_core.py)."""
 
 import numpy as np
-import pytest
 
 
 import rfcl
