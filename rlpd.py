@@ -223,12 +223,9 @@ class GPUEnvs:
 
     def __init__(self, args: Args, num_envs: int, record: bool = False):
         import mani_skill.envs  # noqa: F401
-        import torch
 
         import common
 
-        if not torch.cuda.is_available():
-            fail("GPU simulation needs CUDA; use --sim-backend cpu")
         env = gym.make(args.env_id, **env_kwargs(args, num_envs, "physx_cuda", render=record))
         self.recorder = common.VideoRecorder(env, env_index=0) if record else None
         self.env = self.recorder or env
@@ -576,12 +573,18 @@ def evaluate(envs, act_fn, args: Args, num_episodes: int, video_path: Optional[s
 # ======================================================================================================
 # Main loop
 # ======================================================================================================
-def make_run_dir(args: Args) -> Path:
+def run_dir_for(args: Args) -> Path:
+    """runs/<exp-name>, refused if it exists; created by make_run_dir once the inputs are validated, so a
+    rejected command leaves nothing behind that would block its corrected rerun."""
     if args.exp_name is None:
         args.exp_name = f"{args.env_id}__{ALGORITHM}{'_eval' if args.evaluate else ''}__{args.seed}__{int(time.time())}"
     run_dir = Path("runs") / args.exp_name
     if run_dir.exists():
         fail(f"run directory {run_dir} already exists; pass another --exp-name (nothing was overwritten)")
+    return run_dir
+
+
+def make_run_dir(run_dir: Path, args: Args) -> Path:
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "videos").mkdir()
     (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
@@ -608,8 +611,7 @@ def main(args: Args) -> None:
         if not torch.cuda.is_available():
             fail("GPU simulation needs CUDA; use --sim-backend cpu")
 
-    run_dir = make_run_dir(args)
-    print(f"run directory: {run_dir}", flush=True)
+    run_dir = run_dir_for(args)
     rng = np.random.default_rng(args.seed)
     key = jax.random.PRNGKey(args.seed)
 
@@ -620,6 +622,7 @@ def main(args: Args) -> None:
         if eval_envs.obs_dim != int(ckpt["obs_dim"]) or eval_envs.act_dim != int(ckpt["act_dim"]):
             fail(f"{args.checkpoint} expects obs/action dims {ckpt['obs_dim']}/{ckpt['act_dim']}, the env has "
                  f"{eval_envs.obs_dim}/{eval_envs.act_dim}")
+        make_run_dir(run_dir, args)
         act = jax.jit(partial(deterministic_action, actor, ckpt["actor_params"]))
         video = str(run_dir / "videos" / "eval.mp4") if args.capture_video else None
         metrics = evaluate(eval_envs, lambda o: np.asarray(act(jnp.asarray(o))), args, args.num_eval_episodes, video)
@@ -640,6 +643,8 @@ def main(args: Args) -> None:
     if demos.obs.shape[1] != obs_dim or demos.actions.shape[1] != act_dim:
         fail(f"{path} has obs/action dims {demos.obs.shape[1]}/{demos.actions.shape[1]} but {args.env_id} with "
              f"{args.control_mode} has {obs_dim}/{act_dim}; pass demos recorded for this env and control mode")
+    make_run_dir(run_dir, args)
+    print(f"run directory: {run_dir}", flush=True)
     print(f"{demos.num_trajectories} demos from {path} ({int(sum(e.get('success', True) for e in demos.episodes))} "
           f"successful, {len(demos.rewards)} transitions)", flush=True)
 

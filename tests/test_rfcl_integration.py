@@ -78,6 +78,7 @@ def test_bad_input_errors_are_one_line(tiny_run, demo_path, tmp_path):
         line = error_line(proc)
         assert line.startswith(start), (extra, line)
         assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert not (cwd / "runs" / f"bad{i}").exists(), "a rejected command leaves no run directory behind"
 
 
 def test_reset_to_a_demo_state_gives_the_demo_observation(demo_path):
