@@ -1,6 +1,6 @@
 """RFCL: Reverse Forward Curriculum Learning (Tao et al., ICLR 2024) on ManiSkill3, in JAX.
 
-Read alongside the README. One file, top to bottom: Args -> environments -> curricula ->
+Explained section by section in docs/rfcl.md. One file, top to bottom: Args -> environments -> curricula ->
 networks and the jitted SAC update -> replay buffers -> checkpoints -> eval -> main loop.
     python rfcl.py --env-id PickCube-v1 --num-demos 5
 """
@@ -136,6 +136,9 @@ class Args:
     curriculum_success: Literal["once", "at_end"] = "once"
     """what makes a curriculum episode a success: success at any step (once) or at its last step (at_end).
     `once` by default: on PickCube success also needs a static arm, which stochastic training episodes rarely end with"""
+    curriculum_policy: Literal["stochastic", "deterministic"] = "stochastic"
+    """how frontier episodes (those starting exactly at t_i, the ones the frontier rule judges) act: sampled
+    actions like every other training episode (published), or the policy mean, as in eval"""
 
     # forward curriculum (stage 2)
     num_seeds: int = 1000
@@ -853,6 +856,7 @@ def main(args: Args) -> None:
     ep_len = np.zeros(n, int)
     ep_ret = np.zeros(n)
     ep_once = np.zeros(n, bool)
+    ep_det = np.zeros(n, bool)      # stage 1: this env's episode is a frontier episode acting deterministically
 
     def start_episodes(mask):
         seeds = np.zeros(n, np.int64)
@@ -862,9 +866,11 @@ def main(args: Args) -> None:
                 i, t, h = reverse.sample_start()
                 ep_demo[j], ep_start[j], ep_horizon[j] = i, t, h
                 seeds[j], starts[j] = demos.episodes[i]["episode_seed"], (i, t)
+                ep_det[j] = args.curriculum_policy == "deterministic" and t == reverse.t[i]
             else:
                 k = forward.sample()
                 ep_seed_idx[j], ep_horizon[j], seeds[j] = k, args.max_episode_steps, forward.seeds[k]
+                ep_det[j] = False
         ep_len[mask], ep_ret[mask], ep_once[mask] = 0, 0.0, False
         return envs.reset(mask, seeds, starts if stage == 1 else None)
 
@@ -890,6 +896,8 @@ def main(args: Args) -> None:
             else:
                 key, k = jax.random.split(key)
                 actions = policy_sample(state.actor.params, jnp.asarray(obs), k)[0]
+                if ep_det.any():
+                    actions = np.where(ep_det[:, None], policy_det(state.actor.params, jnp.asarray(obs)), actions)
             next_obs, terminated, success = envs.step(actions)
             ep_len += 1
             ep_ret += success
@@ -897,6 +905,7 @@ def main(args: Args) -> None:
             ended = ep_len >= ep_horizon
             if args.bootstrap_at_done == "truncated":
                 ended |= terminated
+            # next_obs is the true final observation at a time limit: resets come after storing
             online.add({"obs": obs, "actions": actions, "rewards": success.astype(np.float32),
                         "next_obs": next_obs, "masks": bootstrap_masks(terminated, args.bootstrap_at_done)})
             obs = next_obs

@@ -1,6 +1,6 @@
 """RLPD: RL with Prior Data (Ball et al., ICML 2023) on ManiSkill3, in JAX.
 
-Read alongside the README. One file, top to bottom: Args -> environments -> networks and the
+Explained section by section in docs/rlpd.md. One file, top to bottom: Args -> environments -> networks and the
 jitted SAC update -> replay buffers -> checkpoints -> eval -> main loop.
     python rlpd.py --env-id PickCube-v1 --num-demos 100
 """

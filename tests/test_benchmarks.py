@@ -64,3 +64,27 @@ def test_plot_writes_a_png_of_the_expected_size(tmp_path):
     img = Image.open(out)
     assert img.size == (1100, 400)
     assert len(np.unique(np.asarray(img.convert("L")))) > 10, "not a blank image"
+
+
+def test_throughput_loop_split_uses_only_the_window_after_warmup(tmp_path):
+    """The scripts log cumulative time fractions; the split must be that of the window, not since the start."""
+    import throughput
+    from torch.utils.tensorboard import SummaryWriter
+
+    # 0..10k steps: 100 s, all simulation (seed steps). 10k..20k: 200 s = 50 s sim, 140 s updates, 10 s other
+    w = SummaryWriter(str(tmp_path / "run"))
+    for step, elapsed, sim, upd in ((5_000, 50.0, 50.0, 0.0), (10_000, 100.0, 100.0, 0.0),
+                                    (20_000, 300.0, 150.0, 140.0)):
+        w.add_scalar("charts/SPS", step / elapsed, step)
+        w.add_scalar("time/simulation_frac", sim / elapsed, step)
+        w.add_scalar("time/update_frac", upd / elapsed, step)
+        w.add_scalar("time/eval_frac", 0.0, step)
+    w.close()
+    split = throughput.loop_split(tmp_path / "run", warmup_steps=10_000)
+    assert (split["from_step"], split["to_step"]) == (10_000, 20_000)
+    assert split["env_steps_per_s"] == pytest.approx(50.0)
+    assert split["simulation_frac"] == pytest.approx(0.25)
+    assert split["update_frac"] == pytest.approx(0.70)
+    assert split["other_frac"] == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="fewer than two log points"):
+        throughput.loop_split(tmp_path / "run", warmup_steps=15_000)
