@@ -2,6 +2,7 @@
 
     python benchmarks/learning.py --algo rfcl --env-id PickCube-v1 --num-demos 5 --seeds 1 2 3 --total-timesteps 200000
     python benchmarks/learning.py --runs runs/a runs/b --label rfcl-fast       # existing runs, nothing is trained
+    python benchmarks/learning.py --compare "rfcl=runs/a" "rlpd=runs/b" --name pickcube   # configs in one figure
 
 Writes <out>/<name>.png (eval success_at_end vs env steps and vs wall-clock, mean and min-max over seeds),
 <out>/<name>.json and <out>/<name>.md (env steps and wall-clock to first reach 0.5 and 0.9, final success, SPS).
@@ -37,6 +38,9 @@ class Args:
     """legend label (default: <algo>)"""
     extra: list[str] = field(default_factory=list)
     """further flags for the script, e.g. --extra=--preset --extra=sample-efficient"""
+    compare: list[str] = field(default_factory=list)
+    """draw several configs in one figure instead: LABEL=RUN[,RUN...] per config, e.g.
+    --compare "rfcl=runs/a,runs/b" "rlpd=runs/c"; writes <out>/<name>.png and .md, trains nothing"""
     out: str = "benchmarks/results"
     name: Optional[str] = None
     """output file stem (default: <algo>_<env-id>)"""
@@ -124,7 +128,27 @@ def plot(groups: dict[str, list[dict]], path) -> None:
 
 
 # ---- main ------------------------------------------------------------------------------------------------
+def parse_compare(specs: list[str]) -> dict[str, list[Path]]:
+    groups = {}
+    for spec in specs:
+        label, sep, runs = spec.partition("=")
+        if not sep or not label or not runs:
+            raise SystemExit(f"error: --compare takes LABEL=RUN[,RUN...], got {spec!r}")
+        groups[label] = [Path(r) for r in runs.split(",")]
+    return groups
+
+
 def main(args: Args) -> None:
+    if args.compare:
+        groups = {label: [read_run(r) for r in runs] for label, runs in parse_compare(args.compare).items()}
+        out, name = Path(args.out), args.name or "compare"
+        out.mkdir(parents=True, exist_ok=True)
+        plot(groups, out / f"{name}.png")
+        md = "\n\n".join(markdown(summarise(curves), label) for label, curves in groups.items())
+        (out / f"{name}.md").write_text(md + "\n")
+        print(md)
+        print(f"wrote {out / name}.png/.md")
+        return
     label = args.label or args.algo
     name = args.name or f"{args.algo}_{args.env_id}"
     run_dirs = [Path(r) for r in args.runs]

@@ -88,3 +88,15 @@ def test_throughput_loop_split_uses_only_the_window_after_warmup(tmp_path):
     assert split["other_frac"] == pytest.approx(0.05)
     with pytest.raises(ValueError, match="fewer than two log points"):
         throughput.loop_split(tmp_path / "run", warmup_steps=15_000)
+
+
+def test_compare_draws_configs_in_one_figure(tmp_path):
+    write_run(tmp_path / "a", [0.2, 0.9])
+    write_run(tmp_path / "b", [0.0, 0.4])
+    args = learning.Args(compare=[f"one={tmp_path / 'a'}", f"two={tmp_path / 'b'}"], out=str(tmp_path / "out"),
+                         name="cmp")
+    learning.main(args)
+    md = (tmp_path / "out" / "cmp.md").read_text()
+    assert "### one" in md and "### two" in md and (tmp_path / "out" / "cmp.png").stat().st_size > 10_000
+    with pytest.raises(SystemExit, match="LABEL=RUN"):
+        learning.parse_compare(["no-equals-sign"])
