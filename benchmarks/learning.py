@@ -41,22 +41,25 @@ class Args:
     compare: list[str] = field(default_factory=list)
     """draw several configs in one figure instead: LABEL=RUN[,RUN...] per config, e.g.
     --compare "rfcl=runs/a,runs/b" "rlpd=runs/c"; writes <out>/<name>.png and .md, trains nothing"""
+    tag: str = TAG
+    """with --compare: the tensorboard tag to draw, e.g. curriculum/start_step_frac_mean (the success table is
+    written only for the default tag)"""
     out: str = "benchmarks/results"
     name: Optional[str] = None
     """output file stem (default: <algo>_<env-id>)"""
 
 
 # ---- reading logs --------------------------------------------------------------------------------------
-def read_run(run_dir) -> dict:
+def read_run(run_dir, tag: str = TAG) -> dict:
     """Eval curve of one run: steps, success, wall-clock seconds since the run's first event, and mean SPS."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     acc.Reload()
     tags = acc.Tags()["scalars"]
-    if TAG not in tags:
-        raise ValueError(f"{run_dir} has no {TAG} events; is it an rfcl.py/rlpd.py run that evaluated at least once?")
-    events = acc.Scalars(TAG)
+    if tag not in tags:
+        raise ValueError(f"{run_dir} has no {tag} events; is it an rfcl.py/rlpd.py run that logged it at least once?")
+    events = acc.Scalars(tag)
     t0 = min(e.wall_time for t in tags for e in acc.Scalars(t)[:1])
     sps = [e.value for e in acc.Scalars("charts/SPS")] if "charts/SPS" in tags else []
     return {"run": str(run_dir), "steps": np.array([e.step for e in events]),
@@ -97,7 +100,7 @@ def markdown(summary: dict, label: str) -> str:
 
 
 # ---- plotting --------------------------------------------------------------------------------------------
-def plot(groups: dict[str, list[dict]], path) -> None:
+def plot(groups: dict[str, list[dict]], path, tag: str = TAG) -> None:
     """Two panels, one line per group: mean over its runs with a min-max band, vs env steps and vs hours."""
     import matplotlib
 
@@ -116,9 +119,10 @@ def plot(groups: dict[str, list[dict]], path) -> None:
     axes[0].set_xlabel("env steps")
     axes[1].set_xlabel("wall-clock (hours)")
     for ax in axes:
-        ax.set_ylabel("eval success_at_end")
+        ax.set_ylabel(tag.replace("eval/", "eval "))
         ax.set_ylim(-0.02, 1.02)
-        ax.axhline(0.9, color="gray", lw=0.8, ls="--")
+        if tag == TAG:
+            ax.axhline(0.9, color="gray", lw=0.8, ls="--")
         ax.grid(alpha=0.3)
     axes[0].legend(loc="lower right")
     fig.tight_layout()
@@ -140,14 +144,15 @@ def parse_compare(specs: list[str]) -> dict[str, list[Path]]:
 
 def main(args: Args) -> None:
     if args.compare:
-        groups = {label: [read_run(r) for r in runs] for label, runs in parse_compare(args.compare).items()}
+        groups = {label: [read_run(r, args.tag) for r in runs] for label, runs in parse_compare(args.compare).items()}
         out, name = Path(args.out), args.name or "compare"
         out.mkdir(parents=True, exist_ok=True)
-        plot(groups, out / f"{name}.png")
-        md = "\n\n".join(markdown(summarise(curves), label) for label, curves in groups.items())
-        (out / f"{name}.md").write_text(md + "\n")
-        print(md)
-        print(f"wrote {out / name}.png/.md")
+        plot(groups, out / f"{name}.png", args.tag)
+        if args.tag == TAG:
+            md = "\n\n".join(markdown(summarise(curves), label) for label, curves in groups.items())
+            (out / f"{name}.md").write_text(md + "\n")
+            print(md)
+        print(f"wrote {out / name}.png" + (" and .md" if args.tag == TAG else ""))
         return
     label = args.label or args.algo
     name = args.name or f"{args.algo}_{args.env_id}"
