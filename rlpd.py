@@ -730,8 +730,11 @@ def main(args: Args) -> None:
             key, k = jax.random.split(key)
             state, info = update_many(state, online.data, online.size, offline.data, offline.size, k,
                                       args.grad_updates_per_step)
+            # JAX dispatches asynchronously: without this wait the update's time would be charged to the next
+            # policy call (simulation). The next env step needs the new actor anyway, so nothing is lost.
+            jax.block_until_ready(state.actor.params)
             if global_step - last_log >= args.log_freq:
-                info = jax.device_get(info)  # syncs only when logging
+                info = jax.device_get(info)
             t_update += time.time() - t0
 
         # ---- log, evaluate, save --------------------------------------------------------------------------

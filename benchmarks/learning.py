@@ -124,8 +124,9 @@ def plot(groups: dict[str, list[dict]], path, tag: str = TAG) -> None:
         if tag == TAG:
             ax.axhline(0.9, color="gray", lw=0.8, ls="--")
         ax.grid(alpha=0.3)
-    axes[0].legend(loc="lower right")
-    fig.tight_layout()
+    # below the panels, so that no curve is hidden behind it
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=min(len(groups), 3), frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * (1 + (len(groups) - 1) // 3), 1, 1))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
