@@ -51,7 +51,8 @@ class Args:
 
 # ---- reading logs --------------------------------------------------------------------------------------
 def read_run(run_dir, tag: str = TAG) -> dict:
-    """Eval curve of one run: steps, success, wall-clock seconds since the run's first event, and mean SPS."""
+    """One tag of one run (eval success_at_end by default): steps, values ("success"), wall-clock seconds since
+    the run's first event, and the last SPS."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
