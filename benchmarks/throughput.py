@@ -1,6 +1,6 @@
 """Throughput on the machine it runs on: jitted updates, the critic ensemble, the vector env, the training loop.
 
-    python benchmarks/throughput.py                      # everything (~10 min on 2 CPU cores)
+    python benchmarks/throughput.py                      # everything (~15 min on 2 CPU cores)
     python benchmarks/throughput.py --parts updates ensemble
 
 Every figure is the median over --repeats timed repetitions after --warmup untimed ones (the first call
@@ -174,23 +174,20 @@ def env_steps_per_s(args, num_envs: int, steps: int, reset_every: int = 50) -> f
 
 def bench_envs(a: Args) -> list[dict]:
     import rfcl
-
-    rows = []
-    for n in a.env_counts:
-        args = replace(rfcl.PRESETS["fast"], env_id=a.env_id, num_envs=n)
-        sps = env_steps_per_s(args, n, a.env_steps)
-        rows.append({"backend": "cpu", "num_envs": n, "env_steps_per_s": sps})
-        print(f"envs     cpu {n:5d} envs {sps:8.1f} env steps/s", flush=True)
     import torch
 
-    if not torch.cuda.is_available():
+    backends = [("cpu", a.env_counts)]
+    if torch.cuda.is_available():
+        backends.append(("gpu", a.gpu_env_counts))
+    else:
         print("envs     gpu backend skipped: no CUDA on this machine", flush=True)
-        return rows
-    for n in a.gpu_env_counts:
-        args = replace(rfcl.PRESETS["fast"], env_id=a.env_id, num_envs=n, sim_backend="gpu")
-        sps = env_steps_per_s(args, n, a.env_steps)
-        rows.append({"backend": "gpu", "num_envs": n, "env_steps_per_s": sps})
-        print(f"envs     gpu {n:5d} envs {sps:8.1f} env steps/s", flush=True)
+    rows = []
+    for backend, counts in backends:
+        for n in counts:
+            args = replace(rfcl.PRESETS["fast"], env_id=a.env_id, num_envs=n, sim_backend=backend)
+            sps = env_steps_per_s(args, n, a.env_steps)
+            rows.append({"backend": backend, "num_envs": n, "env_steps_per_s": sps})
+            print(f"envs     {backend} {n:5d} envs {sps:8.1f} env steps/s", flush=True)
     return rows
 
 
