@@ -383,8 +383,12 @@ class ReverseCurriculum:
     def horizon(self, i: int, start: int) -> int:
         return 16 + int((self.T[i] - start) // self.ratio)
 
+    def is_frontier(self, i: int, start: int) -> bool:
+        """Only episodes that start exactly at t_i (of a demo not yet solved) are judged by report()."""
+        return start == self.t[i] and not self.solved[i]
+
     def report(self, i: int, start: int, success: bool) -> None:
-        if start != self.t[i] or self.solved[i]:
+        if not self.is_frontier(i, start):
             return
         win = self.windows[i]
         win.append(bool(success))
@@ -514,6 +518,13 @@ def sample_action(actor: Actor, params, obs, key):
 
 def deterministic_action(actor: Actor, params, obs):
     return jnp.tanh(actor.apply({"params": params}, obs)[0])
+
+
+def training_action(actor: Actor, params, obs, key, deterministic):
+    """Sampled actions, except the policy mean in the rows where `deterministic` (bool, (num_envs,)) is set:
+    with --curriculum-policy deterministic, the frontier episodes act like eval."""
+    sampled, _ = sample_action(actor, params, obs, key)
+    return jnp.where(deterministic[:, None], deterministic_action(actor, params, obs), sampled)
 
 
 @struct.dataclass
@@ -827,7 +838,7 @@ def main(args: Args) -> None:
                               target_params=jax.tree_util.tree_map(jnp.array, ckpt["target_params"]),
                               temp=state.temp.replace(params={"log_alpha": jnp.asarray(ckpt["log_alpha"])}))
     _, _, update_many = make_update(args, actor, critic, act_dim)
-    policy_sample = jax.jit(partial(sample_action, actor))
+    policy_train = jax.jit(partial(training_action, actor))
     policy_det = jax.jit(partial(deterministic_action, actor))
 
     offline = demo_buffer(demos, bootstrap_masks(demos.terminated, args.bootstrap_at_done))
@@ -866,7 +877,7 @@ def main(args: Args) -> None:
                 i, t, h = reverse.sample_start()
                 ep_demo[j], ep_start[j], ep_horizon[j] = i, t, h
                 seeds[j], starts[j] = demos.episodes[i]["episode_seed"], (i, t)
-                ep_det[j] = args.curriculum_policy == "deterministic" and t == reverse.t[i]
+                ep_det[j] = args.curriculum_policy == "deterministic" and reverse.is_frontier(i, t)
             else:
                 k = forward.sample()
                 ep_seed_idx[j], ep_horizon[j], seeds[j] = k, args.max_episode_steps, forward.seeds[k]
@@ -895,9 +906,7 @@ def main(args: Args) -> None:
                 actions = rng.uniform(-1, 1, (n, act_dim)).astype(np.float32)
             else:
                 key, k = jax.random.split(key)
-                actions = policy_sample(state.actor.params, jnp.asarray(obs), k)[0]
-                if ep_det.any():
-                    actions = np.where(ep_det[:, None], policy_det(state.actor.params, jnp.asarray(obs)), actions)
+                actions = policy_train(state.actor.params, jnp.asarray(obs), k, jnp.asarray(ep_det))
             next_obs, terminated, success = envs.step(actions)
             ep_len += 1
             ep_ret += success

@@ -100,3 +100,31 @@ def test_compare_draws_configs_in_one_figure(tmp_path):
     assert "### one" in md and "### two" in md and (tmp_path / "out" / "cmp.png").stat().st_size > 10_000
     with pytest.raises(SystemExit, match="LABEL=RUN"):
         learning.parse_compare(["no-equals-sign"])
+
+
+def test_frontier_probe_replaying_a_demo_succeeds_exactly_where_the_demo_does(demo_path, tmp_path):
+    """benchmarks/frontier.py resets to demo states as stage 1 does: the demo's own actions from start t must first
+    succeed after s* - t + 1 steps (s* = the demo's first successful step), when the time limit allows it."""
+    import jax
+
+    import common
+    import frontier
+    import rfcl
+
+    args = rfcl.Args(num_demos=1)
+    _, _, state = rfcl.init_sac(args, 42, 8, jax.random.PRNGKey(0))
+    ckpt = tmp_path / "fresh.ckpt"
+    rfcl.save_checkpoint(ckpt, state, args, 42, 8, 0)
+    out = frontier.main(frontier.Args(str(ckpt), dataset_path=str(demo_path), every=3, demo_actions=True,
+                                      out=str(tmp_path / "probe")))
+    demos = common.load_demos(demo_path, 1)
+    T, s_star = int(demos.lengths[0]), int(np.flatnonzero(demos.rewards[: demos.lengths[0]])[0])
+    rows = out["rows"]
+    assert [r["start"] for r in rows] == list(range(0, T, 3))
+    for r in rows:
+        need = max(s_star - r["start"], 0) + 1
+        assert r["horizon"] == 16 + (T - r["start"]) // 3
+        assert r["once"] == (need <= r["horizon"]), r
+        assert r["first"] == (need if r["once"] else None), r
+    assert any(r["once"] for r in rows) and not all(r["once"] for r in rows), "both cases are exercised"
+    assert (tmp_path / "probe.md").read_text().count("\n| 0 |") == len(rows)

@@ -59,6 +59,28 @@ def test_start_sampling_offsets_weights_and_time_limit():
     assert c.sample_weights()[0] < 1e-2
 
 
+def test_curriculum_policy_deterministic_acts_with_the_mean_only_in_frontier_episodes():
+    import jax
+    import jax.numpy as jnp
+
+    c = reverse(lengths=(20, 30))
+    c.t[:] = [8, 0]
+    c.solved[1] = True
+    assert c.is_frontier(0, 8) and not c.is_frontier(0, 9), "past the frontier: not judged"
+    assert not c.is_frontier(1, 0), "a solved demo has no frontier"
+    actor = rfcl.Actor(3, (16, 16))
+    obs = jax.random.normal(jax.random.PRNGKey(0), (4, 5))
+    params = actor.init(jax.random.PRNGKey(1), obs)["params"]
+    key = jax.random.PRNGKey(2)
+    mask = jnp.array([True, False, True, False])
+    a = rfcl.training_action(actor, params, obs, key, mask)
+    mean = rfcl.deterministic_action(actor, params, obs)
+    sampled, _ = rfcl.sample_action(actor, params, obs, key)
+    np.testing.assert_allclose(a[mask], mean[mask], rtol=1e-6)
+    np.testing.assert_allclose(a[~mask], sampled[~mask], rtol=1e-6)
+    assert not np.allclose(mean[~mask], sampled[~mask]), "the sampled rows really are noisy"
+
+
 # ---- forward curriculum ---------------------------------------------------------------------------------------
 def test_seed_scores_on_hand_built_histories():
     score = rfcl.ForwardCurriculum.score

@@ -1,0 +1,149 @@
+"""Where along each demo can a policy solve the task? A probe of RFCL's stage 1 (the reverse curriculum).
+
+    python benchmarks/frontier.py runs/<run>/checkpoints/step_00100000.ckpt --every 4 --stochastic 5
+
+For each demo and each start step t = 0, every, 2*every, ... it resets the env to the demo's state t (as stage 1
+does), then runs the policy for the stage-1 time limit 16 + (T - t) // ratio, and records whether the episode
+succeeded at some step, whether the cube was ever grasped and ever placed at the goal, and the step of the first
+success. Deterministic (policy mean) once per start, since CPU simulation repeats exactly; with --stochastic N also
+N sampled-action episodes, as training episodes act. A start that fails with grasped = 0 failed to grasp; with
+grasped = 1 and placed = 0 it dropped or never carried the cube; with placed = 1 it never held still (PickCube's
+success needs a static arm). Prints a markdown table; --out also writes it with a json.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import tyro
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+@dataclass
+class Args:
+    checkpoint: tyro.conf.Positional[str]
+    """an rfcl.py checkpoint"""
+    dataset_path: Optional[str] = None
+    """demos to probe (default: the ones rfcl.py finds for the checkpoint's env, as in training)"""
+    num_demos: Optional[int] = None
+    """first N demos of the file (default: the checkpoint's --num-demos)"""
+    every: int = 4
+    """probe start steps 0, every, 2*every, ... of each demo"""
+    stochastic: int = 0
+    """also run this many sampled-action episodes per start"""
+    seed: int = 0
+    """key of the sampled actions"""
+    demo_actions: bool = False
+    """replay the demo's own actions from t instead of the policy, until the demo ends: checks the resets, and
+    shows which starts the time limit leaves the demo's own pace (it needs T - t steps)"""
+    out: Optional[str] = None
+    """write <out>.md and <out>.json too"""
+
+
+def probe(a: Args) -> dict:
+    import gymnasium as gym
+    import jax
+    import jax.numpy as jnp
+    import mani_skill.envs  # noqa: F401
+    from mani_skill.utils.wrappers.gymnasium import CPUGymWrapper
+
+    import common
+    import rfcl
+
+    ckpt = rfcl.load_checkpoint(a.checkpoint)
+    targs = rfcl.Args(**{k: tuple(v) if k == "hidden_dims" else v for k, v in json.loads(ckpt["args"]).items()})
+    num_demos = a.num_demos or targs.num_demos
+    try:
+        path = a.dataset_path or common.get_demos(targs.env_id, targs.obs_mode, targs.control_mode, num_demos)
+        demos = common.load_demos(path, num_demos, targs.env_id, targs.obs_mode, targs.control_mode)
+    except common.DemoError as e:
+        rfcl.fail(str(e))
+    env = CPUGymWrapper(gym.make(targs.env_id, **rfcl.env_kwargs(targs, 1, "physx_cpu", render=False)))
+    actor = rfcl.Actor(int(ckpt["act_dim"]), tuple(ckpt["hidden_dims"]))
+    params = ckpt["actor_params"]
+    det = jax.jit(lambda o: rfcl.deterministic_action(actor, params, o))
+    sample = jax.jit(lambda o, k: rfcl.sample_action(actor, params, o, k)[0])
+    key = jax.random.PRNGKey(a.seed)
+    first_row = np.concatenate([[0], np.cumsum(demos.lengths)[:-1]])  # of each demo in the flat arrays
+
+    def episode(i: int, t: int, key=None) -> dict:
+        ep = demos.episodes[i]
+        env.reset(seed=ep["episode_seed"], options=(ep.get("reset_kwargs") or {}).get("options") or {})
+        env.unwrapped.set_state_dict(rfcl._index_tree(demos.env_states[i], t))
+        obs = demos.traj_obs[i][t]
+        horizon = 16 + int((demos.lengths[i] - t) // targs.demo_horizon_to_max_steps_ratio)
+        r = dict(once=False, grasped=False, placed=False, first=None)
+        steps = min(horizon, int(demos.lengths[i]) - t) if a.demo_actions else horizon
+        for step in range(steps):
+            o = jnp.asarray(obs[None], jnp.float32)
+            if a.demo_actions:
+                act = demos.actions[None, first_row[i] + t + step]
+            elif key is None:
+                act = det(o)
+            else:
+                key, k = jax.random.split(key)
+                act = sample(o, k)
+            obs, _, _, _, info = env.step(np.asarray(act)[0])
+            r["grasped"] |= bool(info.get("is_grasped", False))
+            r["placed"] |= bool(info.get("is_obj_placed", False))
+            if info["success"] and r["first"] is None:
+                r["first"] = step + 1
+            r["once"] |= bool(info["success"])
+        return {**r, "horizon": horizon}
+
+    rows = []
+    for i in range(demos.num_trajectories):
+        for t in range(0, int(demos.lengths[i]), a.every):
+            row = {"demo": i, "T": int(demos.lengths[i]), "start": t, **episode(i, t)}
+            if a.stochastic and not a.demo_actions:
+                key, *ks = jax.random.split(key, a.stochastic + 1)
+                eps = [episode(i, t, k) for k in ks]
+                row.update({f"sto_{m}": float(np.mean([e[m] for e in eps])) for m in ("once", "grasped", "placed")})
+            rows.append(row)
+            print(f"demo {i} start {t}: success_once {int(row['once'])}", file=sys.stderr, flush=True)
+    env.close()
+    return {"checkpoint": a.checkpoint, "global_step": int(ckpt["global_step"]), "dataset": str(path),
+            "demo_actions": a.demo_actions, "rows": rows}
+
+
+def table(result: dict, stochastic: bool) -> str:
+    head = "| demo | T | start | time limit | success_once | grasped | placed | first success at |"
+    sep = "| --- | --- | --- | --- | --- | --- | --- | --- |"
+    if stochastic:
+        head += " sampled: success_once | grasped | placed |"
+        sep += " --- | --- | --- |"
+    who = ("the demos' own actions" if result["demo_actions"] else
+           "deterministic policy" + (" and sampled actions" if stochastic else ""))
+    lines = [f"Checkpoint `{result['checkpoint']}` ({result['global_step']} env steps), {who}", "", head, sep]
+    for r in result["rows"]:
+        line = (f"| {r['demo']} | {r['T']} | {r['start']} | {r['horizon']} | {int(r['once'])} | {int(r['grasped'])} "
+                f"| {int(r['placed'])} | {r['first'] if r['first'] is not None else '-'} |")
+        if stochastic:
+            line += f" {r['sto_once']:.2f} | {r['sto_grasped']:.2f} | {r['sto_placed']:.2f} |"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def main(a: Args) -> dict:
+    if a.every < 1 or a.stochastic < 0:
+        sys.exit("error: --every must be >= 1 and --stochastic >= 0")
+    result = probe(a)
+    md = table(result, a.stochastic > 0 and not a.demo_actions)
+    print(md)
+    if a.out:
+        out = Path(a.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".md").write_text(md)
+        out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args, description=__doc__))
