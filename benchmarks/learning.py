@@ -114,7 +114,7 @@ def plot(groups: dict[str, list[dict]], path, tag: str = TAG) -> None:
         for ax, key, scale in ((axes[0], "steps", 1.0), (axes[1], "wall_s", 1 / 3600)):
             grid = np.linspace(0, min(c[key][-1] for c in curves), 100)
             ys = np.array([np.interp(grid, c[key], c["success"]) for c in curves])
-            (line,) = ax.plot(grid * scale, ys.mean(0), label=f"{label} ({len(curves)} runs)")
+            (line,) = ax.plot(grid * scale, ys.mean(0), label=f"{label} ({len(curves)} run{'s' if len(curves) > 1 else ''})")
             ax.fill_between(grid * scale, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
     axes[0].xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1000:.0f}k"))
     axes[0].set_xlabel("env steps")
@@ -126,8 +126,11 @@ def plot(groups: dict[str, list[dict]], path, tag: str = TAG) -> None:
             ax.axhline(0.9, color="gray", lw=0.8, ls="--")
         ax.grid(alpha=0.3)
     # below the panels, so that no curve is hidden behind it
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=min(len(groups), 3), frameon=False)
-    fig.tight_layout(rect=(0, 0.06 * (1 + (len(groups) - 1) // 3), 1, 1))
+    # as many columns as fit the figure's width (about 150 characters of legend text)
+    longest = max(len(label) for label in groups) + 12
+    ncol = max(1, min(len(groups), 3, 150 // longest))
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=ncol, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * (1 + (len(groups) - 1) // ncol), 1, 1))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
