@@ -114,7 +114,8 @@ def plot(groups: dict[str, list[dict]], path, tag: str = TAG) -> None:
         for ax, key, scale in ((axes[0], "steps", 1.0), (axes[1], "wall_s", 1 / 3600)):
             grid = np.linspace(0, min(c[key][-1] for c in curves), 100)
             ys = np.array([np.interp(grid, c[key], c["success"]) for c in curves])
-            (line,) = ax.plot(grid * scale, ys.mean(0), label=f"{label} ({len(curves)} run{'s' if len(curves) > 1 else ''})")
+            runs = f"{len(curves)} run" + ("s" if len(curves) > 1 else "")
+            (line,) = ax.plot(grid * scale, ys.mean(0), label=f"{label} ({runs})")
             ax.fill_between(grid * scale, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
     axes[0].xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1000:.0f}k"))
     axes[0].set_xlabel("env steps")
