@@ -48,24 +48,26 @@ class Args:
 
 
 def probe(a: Args) -> dict:
-    import gymnasium as gym
     import jax
     import jax.numpy as jnp
-    import mani_skill.envs  # noqa: F401
-    from mani_skill.utils.wrappers.gymnasium import CPUGymWrapper
 
     import common
     import rfcl
 
     ckpt = rfcl.load_checkpoint(a.checkpoint)
-    targs = rfcl.Args(**{k: tuple(v) if k == "hidden_dims" else v for k, v in json.loads(ckpt["args"]).items()})
+    args_dict = json.loads(ckpt["args"])
+    targs = rfcl.Args(**args_dict)
     num_demos = a.num_demos or targs.num_demos
     try:
         path = a.dataset_path or common.get_demos(targs.env_id, targs.obs_mode, targs.control_mode, num_demos)
         demos = common.load_demos(path, num_demos, targs.env_id, targs.obs_mode, targs.control_mode)
     except common.DemoError as e:
         rfcl.fail(str(e))
-    env = CPUGymWrapper(gym.make(targs.env_id, **rfcl.env_kwargs(targs, 1, "physx_cpu", render=False)))
+    # the env and the time limit of rfcl.py's stage 1 itself, so the probe resets and times out exactly as training
+    env = rfcl.CPUWorkerEnv(args_dict, 0, demos.env_states, demos.traj_obs, demos.episodes, record=False)
+    reverse = rfcl.ReverseCurriculum(demos.lengths, targs.reverse_step_size, targs.per_demo_buffer_size,
+                                     targs.demo_horizon_to_max_steps_ratio, targs.reverse_solved_frac,
+                                     np.random.default_rng(0))
     actor = rfcl.Actor(int(ckpt["act_dim"]), tuple(ckpt["hidden_dims"]))
     params = ckpt["actor_params"]
     det = jax.jit(lambda o: rfcl.deterministic_action(actor, params, o))
@@ -74,11 +76,8 @@ def probe(a: Args) -> dict:
     first_row = np.concatenate([[0], np.cumsum(demos.lengths)[:-1]])  # of each demo in the flat arrays
 
     def episode(i: int, t: int, key=None) -> dict:
-        ep = demos.episodes[i]
-        env.reset(seed=ep["episode_seed"], options=(ep.get("reset_kwargs") or {}).get("options") or {})
-        env.unwrapped.set_state_dict(rfcl._index_tree(demos.env_states[i], t))
-        obs = demos.traj_obs[i][t]
-        horizon = 16 + int((demos.lengths[i] - t) // targs.demo_horizon_to_max_steps_ratio)
+        obs, _ = env.reset(options={"demo_starts": [(i, t)]})
+        horizon = reverse.horizon(i, t)
         r = dict(once=False, grasped=False, placed=False, first=None)
         steps = min(horizon, int(demos.lengths[i]) - t) if a.demo_actions else horizon
         for step in range(steps):
