@@ -73,7 +73,8 @@ class Args:
     total_timesteps: int = 1_000_000
     """env steps to train for"""
     num_seed_steps: int = 5_000
-    """env steps of uniform random actions before learning starts (stage 1)"""
+    """env steps collected before updates start: uniform random actions at the start of stage 1; at the start
+    of stage 2 the policy refills the new, empty online buffer for as many steps before updates resume (published)"""
     steps_per_env: int = 4
     """env steps per env between two update calls"""
     grad_updates_per_step: int = 16
@@ -132,7 +133,8 @@ class Args:
     demo_horizon_to_max_steps_ratio: float = 3.0
     """stage-1 time limit = 16 + (T_i - start) // ratio"""
     reverse_solved_frac: float = 0.9
-    """stage 1 ends when more than this fraction of demos is reverse-solved"""
+    """stage 1 ends when more than this fraction of demos is reverse-solved. Below 0 it ends at the first finished
+    training episode: a quick way to reach stage 2 (whose offline buffer then holds only those few transitions)"""
     curriculum_success: Literal["once", "at_end"] = "once"
     """what makes a curriculum episode a success: success at any step (once) or at its last step (at_end).
     `once` by default: on PickCube success also needs a static arm, which stochastic training episodes rarely end with"""
@@ -887,8 +889,10 @@ def main(args: Args) -> None:
 
     obs = start_episodes(np.ones(n, bool))
     global_step, stage1_end_step, last_log, last_eval, last_save = 0, None, 0, 0, 0
+    learn_from = args.num_seed_steps  # no updates before this env step; the stage switch moves it
     last_success = float("nan")
     t_sim = t_update = t_eval = 0.0
+    grad_updates = 0
     t_start = time.time()
     info, finished_returns, finished_success = {}, [], []
     pbar = tqdm(total=args.total_timesteps, unit="step", dynamic_ncols=True, smoothing=0.05)
@@ -934,6 +938,9 @@ def main(args: Args) -> None:
                     save_checkpoint(run_dir / "checkpoints" / "stage1.ckpt", state, args, obs_dim, act_dim,
                                     global_step, {"stage": 1, **reverse.state_dict()})
                     offline, online = online, ReplayBuffer(args.buffer_size, obs_dim, act_dim)
+                    # as published: the policy seeds the new online buffer before updates resume, so the
+                    # online half of each minibatch is not a few hundred transitions drawn over and over
+                    learn_from = global_step + args.num_seed_steps
                     writer.add_scalar("curriculum/stage1_end_step", global_step, global_step)
                     tqdm.write(f"stage 1 done at {global_step} env steps: all but "
                                f"{int((~reverse.solved).sum())} demos reverse-solved; forward curriculum begins")
@@ -942,12 +949,13 @@ def main(args: Args) -> None:
         t_sim += time.time() - t0
 
         # ---- learn --------------------------------------------------------------------------------------
-        learning = global_step >= args.num_seed_steps and online.size >= args.batch_size // 2
+        learning = global_step >= learn_from and online.size >= args.batch_size // 2
         if learning:
             t0 = time.time()
             key, k = jax.random.split(key)
             state, info = update_many(state, online.data, online.size, offline.data, offline.size, k,
                                       args.grad_updates_per_step)
+            grad_updates += args.grad_updates_per_step
             # JAX dispatches asynchronously: without this wait the update's time would be charged to the next
             # policy call (simulation). The next env step needs the new actor anyway, so nothing is lost.
             jax.block_until_ready(state.actor.params)
@@ -993,7 +1001,8 @@ def main(args: Args) -> None:
     save_checkpoint(run_dir / "checkpoints" / "final.ckpt", state, args, obs_dim, act_dim, global_step,
                     {"stage": stage, "stage1_end_step": stage1_end_step, **reverse.state_dict()})
     summary = {"global_step": global_step, "stage": stage, "stage1_end_step": stage1_end_step,
-               "eval_success_at_end": last_success, "wall_clock_s": time.time() - t_start,
+               "eval_success_at_end": last_success, "grad_updates": grad_updates,
+               "wall_clock_s": time.time() - t_start,
                "time_simulation_s": t_sim, "time_update_s": t_update, "time_eval_s": t_eval}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary))

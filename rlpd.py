@@ -688,6 +688,7 @@ def main(args: Args) -> None:
     global_step, last_log, last_eval, last_save = 0, 0, 0, 0
     last_success = float("nan")
     t_sim = t_update = t_eval = 0.0
+    grad_updates = 0
     t_start = time.time()
     info, finished_returns, finished_success = {}, [], []
     pbar = tqdm(total=args.total_timesteps, unit="step", dynamic_ncols=True, smoothing=0.05)
@@ -730,6 +731,7 @@ def main(args: Args) -> None:
             key, k = jax.random.split(key)
             state, info = update_many(state, online.data, online.size, offline.data, offline.size, k,
                                       args.grad_updates_per_step)
+            grad_updates += args.grad_updates_per_step
             # JAX dispatches asynchronously: without this wait the update's time would be charged to the next
             # policy call (simulation). The next env step needs the new actor anyway, so nothing is lost.
             jax.block_until_ready(state.actor.params)
@@ -771,7 +773,8 @@ def main(args: Args) -> None:
                             global_step)
     pbar.close()
     save_checkpoint(run_dir / "checkpoints" / "final.ckpt", state, args, obs_dim, act_dim, global_step)
-    summary = {"global_step": global_step, "eval_success_at_end": last_success, "wall_clock_s": time.time() - t_start,
+    summary = {"global_step": global_step, "eval_success_at_end": last_success, "grad_updates": grad_updates,
+               "wall_clock_s": time.time() - t_start,
                "time_simulation_s": t_sim, "time_update_s": t_update, "time_eval_s": t_eval}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary))
