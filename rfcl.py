@@ -283,6 +283,7 @@ class GPUEnvs:
         self.obs_dim = self.base.single_observation_space.shape[0]
         self.act_dim = self.base.single_action_space.shape[0]
         self.seeds = np.zeros(num_envs, np.int64)
+        self.device = "cuda"
         self.demos = demos
         if demos is not None:  # demo states and observations live on the GPU, for batched resets
             self.demo_states = [_tree_map(lambda x: torch.as_tensor(x, device="cuda"), s) for s in demos.env_states]
@@ -299,17 +300,26 @@ class GPUEnvs:
 
         idx = np.flatnonzero(mask)
         self.seeds[idx] = seeds[idx]
-        env_idx = torch.as_tensor(idx, device="cuda")
-        obs, _ = self.env.reset(seed=self.seeds.tolist(), options=dict(env_idx=env_idx))
-        obs = obs.clone()
-        if demo_starts is not None:
-            for j in idx:
-                if demo_starts[j] is None:
-                    continue
-                i, t = demo_starts[j]
-                state = _tree_map(lambda x: x[t:t + 1], self.demo_states[i])
-                self.base.set_state_dict(state, torch.as_tensor([j], device="cuda"))
-                obs[j] = self.demo_obs[i][t]
+        env_idx = torch.as_tensor(idx, device=self.device)
+        starts = demo_starts if demo_starts is not None else [None] * self.num_envs
+        from_demo = [j for j in idx if starts[j] is not None]
+        seeded = [j for j in idx if starts[j] is None]
+        # ManiSkill draws the initial states of all envs of one reset call from one torch stream, seeded with
+        # the first env's seed: env j would not get the state of its own seed, and the forward curriculum
+        # scores seeds. So seeded envs reset one at a time (then seed s gives the same episode as on CPU);
+        # demo-start envs share one call, since set_state_dict overwrites what it drew.
+        obs = None
+        if from_demo:
+            obs, _ = self.env.reset(options=dict(env_idx=torch.as_tensor(from_demo, device=self.device)))
+        for j in seeded:
+            one = torch.as_tensor([j], device=self.device)
+            obs, _ = self.env.reset(seed=int(self.seeds[j]), options=dict(env_idx=one))
+        obs = obs.clone()  # each reset returns every env's current observation
+        for j in from_demo:
+            i, t = starts[j]
+            state = _tree_map(lambda x: x[t:t + 1], self.demo_states[i])
+            self.base.set_state_dict(state, torch.as_tensor([j], device=self.device))
+            obs[j] = self.demo_obs[i][t]
         # never write into a tensor already handed to JAX (DLPack shares the memory): build a new one
         if self.obs is not None:
             keep = self.obs.clone()
@@ -322,7 +332,7 @@ class GPUEnvs:
         import torch
 
         actions = torch.from_dlpack(actions) if isinstance(actions, jax.Array) else torch.as_tensor(actions)
-        obs, _, terminated, _, info = self.env.step(actions.to("cuda"))
+        obs, _, terminated, _, info = self.env.step(actions.to(self.device))
         self.obs = obs.clone()
         return self._to_jax(self.obs), terminated.cpu().numpy(), info["success"].cpu().numpy()
 

@@ -234,6 +234,7 @@ class GPUEnvs:
         self.obs_dim = self.base.single_observation_space.shape[0]
         self.act_dim = self.base.single_action_space.shape[0]
         self.seeds = np.zeros(num_envs, np.int64)
+        self.device = "cuda"
         self.obs = None
 
     def _to_jax(self, x):
@@ -246,10 +247,14 @@ class GPUEnvs:
 
         idx = np.flatnonzero(mask)
         self.seeds[idx] = seeds[idx]
-        env_idx = torch.as_tensor(idx, device="cuda")
-        # ManiSkill takes a seed per env (all of them) and re-initialises only env_idx
-        obs, _ = self.env.reset(seed=self.seeds.tolist(), options=dict(env_idx=env_idx))
-        obs = obs.clone()
+        env_idx = torch.as_tensor(idx, device=self.device)
+        # ManiSkill draws the initial states of all envs of one reset call from one torch stream, seeded with
+        # the first env's seed. One env at a time, seed s gives the same initial state as on CPU (and as in
+        # rfcl.py), so eval episodes are the same on both backends and for both algorithms.
+        for j in idx:
+            one = torch.as_tensor([j], device=self.device)
+            obs, _ = self.env.reset(seed=int(self.seeds[j]), options=dict(env_idx=one))
+        obs = obs.clone()  # each reset returns every env's current observation
         # never write into a tensor already handed to JAX (DLPack shares the memory): build a new one
         if self.obs is not None:
             keep = self.obs.clone()
@@ -262,7 +267,7 @@ class GPUEnvs:
         import torch
 
         actions = torch.from_dlpack(actions) if isinstance(actions, jax.Array) else torch.as_tensor(actions)
-        obs, _, terminated, _, info = self.env.step(actions.to("cuda"))
+        obs, _, terminated, _, info = self.env.step(actions.to(self.device))
         self.obs = obs.clone()
         return self._to_jax(self.obs), terminated.cpu().numpy(), info["success"].cpu().numpy()
 

@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,3 +55,32 @@ def read_scalars(run_dir):
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+class FakeBatchedEnv:
+    """Stands in for a ManiSkill GPU-batched env (no CUDA here): a seeded reset writes the seed into the
+    reset envs' observations, an unseeded one writes -1; every call returns all envs' observations."""
+
+    def __init__(self, n):
+        import torch
+
+        self.obs, self.calls, self.states = torch.zeros(n, 3), [], {}
+
+    def reset(self, seed=None, options=None):
+        idx = options["env_idx"].tolist()
+        self.calls.append((seed, idx))
+        self.obs[idx] = -1.0 if seed is None else float(seed)
+        return self.obs.clone(), {}
+
+    def set_state_dict(self, state, env_idx):
+        self.states[int(env_idx[0])] = state["x"].clone()
+
+
+
+def fake_gpu_envs(algo, n):
+    """algo.GPUEnvs around a FakeBatchedEnv, built without CUDA: (envs, fake)."""
+    fake = FakeBatchedEnv(n)
+    g = algo.GPUEnvs.__new__(algo.GPUEnvs)
+    g.env = g.base = fake
+    g.num_envs, g.device, g.seeds, g.obs = n, "cpu", np.zeros(n, np.int64), None
+    return g, fake

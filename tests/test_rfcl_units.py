@@ -4,6 +4,7 @@ import numpy as np
 
 
 import rfcl
+from conftest import fake_gpu_envs
 
 
 def reverse(lengths=(20, 30), step=4, window=3, solved_frac=0.9, seed=0):
@@ -122,3 +123,23 @@ def test_presets_set_defaults_and_flags_override_them():
     b = rfcl.parse_args([])
     assert (b.num_envs, b.steps_per_env, b.grad_updates_per_step, b.num_qs, b.num_seed_steps) == (8, 4, 16, 2, 5000)
     assert b.gamma == 0.9 and b.control_mode == "pd_joint_delta_pos" and b.bootstrap_at_done == "always"
+
+
+def test_gpu_reset_puts_demo_start_envs_in_one_call_then_sets_their_states():
+    """Demo-start envs share one unseeded reset call, then get the demo state and its recorded observation;
+    seeded envs reset one at a time (see test_sac_core); envs outside the mask keep their observation."""
+    import torch
+
+    g, fake = fake_gpu_envs(rfcl, 4)
+    g.demo_states = [{"x": torch.arange(10.0).reshape(10, 1)}]
+    g.demo_obs = [torch.arange(30.0).reshape(10, 3)]
+
+    obs = np.asarray(g.reset(np.array([True, True, True, False]), np.array([11, 12, 13, 14]),
+                             [None, (0, 5), None, None]))
+    assert fake.calls == [(None, [1]), (11, [0]), (13, [2])]
+    np.testing.assert_array_equal(obs, [[11] * 3, [15, 16, 17], [13] * 3, [0] * 3])
+    np.testing.assert_array_equal(fake.states[1], [[5.0]])
+
+    obs = np.asarray(g.reset(np.array([False, False, True, True]), np.array([0, 0, 21, 22])))
+    assert fake.calls[3:] == [(21, [2]), (22, [3])]
+    np.testing.assert_array_equal(obs, [[11] * 3, [15, 16, 17], [21] * 3, [22] * 3])

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 import rfcl
 import rlpd
+from conftest import fake_gpu_envs
 
 both = pytest.mark.parametrize("algo", [rfcl, rlpd], ids=["rfcl", "rlpd"])
 
@@ -147,3 +148,18 @@ def test_rlpd_presets_set_defaults_and_flags_override_them():
     assert a.max_episode_steps == 100 and a.actor_update_freq == 16
     b = rlpd.parse_args([])
     assert (b.num_envs, b.steps_per_env, b.grad_updates_per_step, b.num_qs, b.num_seed_steps) == (8, 4, 16, 2, 5000)
+
+
+# ---- GPU env resets (logic only: a stand-in replaces the CUDA env) ----------------------------------------------
+@both
+def test_gpu_reset_gives_each_seeded_env_its_own_seed(algo):
+    """ManiSkill draws every env of one reset call from the first env's seed, so GPUEnvs.reset resets each
+    seeded env alone with its own seed (then seed s gives the same episode as on CPU); envs outside the
+    mask keep their observation."""
+    g, fake = fake_gpu_envs(algo, 3)
+    obs = np.asarray(g.reset(np.ones(3, bool), np.array([7, 8, 9])))
+    assert fake.calls == [(7, [0]), (8, [1]), (9, [2])]
+    np.testing.assert_array_equal(obs, np.repeat([[7], [8], [9]], 3, axis=1))
+    obs = np.asarray(g.reset(np.array([False, True, False]), np.array([0, 5, 0])))
+    assert fake.calls[3:] == [(5, [1])]
+    np.testing.assert_array_equal(obs, np.repeat([[7], [5], [9]], 3, axis=1))
