@@ -306,8 +306,9 @@ class GPUEnvs:
         seeded = [j for j in idx if starts[j] is None]
         # ManiSkill draws the initial states of all envs of one reset call from one torch stream, seeded with
         # the first env's seed: env j would not get the state of its own seed, and the forward curriculum
-        # scores seeds. So seeded envs reset one at a time (then seed s gives the same episode as on CPU);
-        # demo-start envs share one call, since set_state_dict overwrites what it drew.
+        # scores seeds. So seeded envs reset one at a time (then seed s always gives the same initial state;
+        # not CPU's, which draws from the CPU generator); demo-start envs share one call, since
+        # set_state_dict overwrites what it drew.
         obs = None
         if from_demo:
             obs, _ = self.env.reset(options=dict(env_idx=torch.as_tensor(from_demo, device=self.device)))

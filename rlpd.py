@@ -249,8 +249,8 @@ class GPUEnvs:
         self.seeds[idx] = seeds[idx]
         env_idx = torch.as_tensor(idx, device=self.device)
         # ManiSkill draws the initial states of all envs of one reset call from one torch stream, seeded with
-        # the first env's seed. One env at a time, seed s gives the same initial state as on CPU (and as in
-        # rfcl.py), so eval episodes are the same on both backends and for both algorithms.
+        # the first env's seed. One env at a time, seed s always gives the same initial state (as in rfcl.py;
+        # not CPU's, which draws from the CPU generator), so both algorithms see the same eval episodes.
         for j in idx:
             one = torch.as_tensor([j], device=self.device)
             obs, _ = self.env.reset(seed=int(self.seeds[j]), options=dict(env_idx=one))

@@ -154,7 +154,7 @@ def test_rlpd_presets_set_defaults_and_flags_override_them():
 @both
 def test_gpu_reset_gives_each_seeded_env_its_own_seed(algo):
     """ManiSkill draws every env of one reset call from the first env's seed, so GPUEnvs.reset resets each
-    seeded env alone with its own seed (then seed s gives the same episode as on CPU); envs outside the
+    seeded env alone with its own seed (then seed s always gives the same initial state); envs outside the
     mask keep their observation."""
     g, fake = fake_gpu_envs(algo, 3)
     obs = np.asarray(g.reset(np.ones(3, bool), np.array([7, 8, 9])))
