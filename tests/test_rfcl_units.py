@@ -119,7 +119,11 @@ def test_sampling_mixes_scores_and_staleness_and_updates_scores():
 
 def test_presets_set_defaults_and_flags_override_them():
     a = rfcl.parse_args(["--preset", "sample-efficient", "--num-qs", "5"])
-    assert a.num_envs == 1 and a.steps_per_env == 1 and a.num_min_qs == 2 and a.num_qs == 5
+    assert a.num_qs == 5, "a flag beats the preset"
+    published = rfcl.parse_args(["--preset", "sample-efficient"])  # base_sac_ms3_sample_efficient.yml
+    assert (published.num_envs, published.steps_per_env, published.grad_updates_per_step, published.actor_update_freq,
+            published.num_qs, published.num_min_qs, published.eval_freq, published.num_seed_steps) == \
+        (8, 1, 80, 20, 10, 2, 5000, 5000)
     b = rfcl.parse_args([])
     assert (b.num_envs, b.steps_per_env, b.grad_updates_per_step, b.num_qs, b.num_seed_steps) == (8, 4, 16, 2, 5000)
     assert b.gamma == 0.9 and b.control_mode == "pd_joint_delta_pos" and b.bootstrap_at_done == "always"

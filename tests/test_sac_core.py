@@ -74,13 +74,33 @@ def test_scanned_updates_equal_the_same_updates_one_by_one(algo):
     one = jax.jit(update_one)
     s_loop = state
     for i in range(n):
-        s_loop, _ = one(s_loop, i, online.data, online.size, offline.data, offline.size, keys[i])
+        s_loop, _ = one(s_loop, online.data, online.size, offline.data, offline.size, keys[i])
     s_loop = jax.device_get(s_loop)
     s_scan, info = update_many(state, online.data, online.size, offline.data, offline.size, key, n)
     for a, b in zip(jax.tree_util.tree_leaves(s_loop), jax.tree_util.tree_leaves(jax.device_get(s_scan))):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     assert int(s_scan.critic.step) == n and int(s_scan.actor.step) == n // args.actor_update_freq
     assert np.isfinite(float(info["losses/qf_loss"]))
+
+
+@both
+@pytest.mark.parametrize("freq,per_call,calls", [(1, 4, 3), (2, 3, 4), (20, 16, 5), (20, 80, 2), (7, 4, 5)])
+def test_actor_and_temperature_step_every_freq_th_update_across_calls(algo, freq, per_call, calls):
+    """The cadence counts updates over the whole run, not inside one call: with --actor-update-freq 20 and
+    16 updates per call the actor still steps 4 times in 80 updates (a per-call count would give 0)."""
+    args, actor, critic, state, online, offline, act_dim = small_setup(algo, actor_update_freq=freq)
+    _, _, update_many = algo.make_update(args, actor, critic, act_dim)
+    reported = 0
+    for k in jax.random.split(jax.random.PRNGKey(5), calls):
+        before = jax.device_get(state.actor.params)
+        state, info = update_many(state, online.data, online.size, offline.data, offline.size, k, per_call)
+        reported += int(info["actor_steps"])
+        moved = any(not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(before),
+                                                               jax.tree_util.tree_leaves(state.actor.params)))
+        assert moved == (int(info["actor_steps"]) > 0), "the actor's weights change exactly in calls with actor steps"
+    total = per_call * calls
+    assert int(state.critic.step) == total
+    assert int(state.actor.step) == int(state.temp.step) == reported == total // freq
 
 
 @both
