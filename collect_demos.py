@@ -16,14 +16,23 @@ import signal
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Literal, Optional
 
 import gymnasium as gym
+import jax
 import numpy as np
+import torch
 import tyro
+from mani_skill.trajectory.merge_trajectory import merge_trajectories
+from mani_skill.utils.wrappers.gymnasium import CPUGymWrapper
+from mani_skill.utils.wrappers.record import RecordEpisode
+from tqdm import tqdm
+
+import common
 
 
 @dataclass
@@ -52,34 +61,12 @@ class Args:
     """videos to write with --save-video"""
 
 
-def fail(msg: str):
-    sys.exit(f"error: {msg}")
-
-
-KNOWN_ALGORITHMS = ("rfcl", "rlpd")
-
-
 def load_policy(path: str):
     """Checkpoint dict plus a jitted deterministic policy, built with the networks of the script that wrote it."""
-    from flax import serialization
-
-    p = Path(path)
-    if not p.is_file():
-        fail(f"checkpoint {p} not found; pass runs/<run>/checkpoints/<file>.ckpt")
-    try:
-        ckpt = serialization.msgpack_restore(p.read_bytes())
-        algo = ckpt["algorithm"]
-        ckpt["actor_params"], ckpt["env_id"], ckpt["obs_dim"], ckpt["act_dim"]  # noqa: B018 - presence check
-    except Exception:  # noqa: BLE001
-        fail(f"{p} is not a readable rfcl/rlpd checkpoint (corrupted or another format)")
-    if algo not in KNOWN_ALGORITHMS:
-        fail(f"{p} is a checkpoint of unknown algorithm {algo!r}; collect_demos.py reads {', '.join(KNOWN_ALGORITHMS)}")
-    import jax
-
-    module = importlib.import_module(algo)  # rfcl.py / rlpd.py beside this file
+    ckpt = common.load_checkpoint(path)
+    module = importlib.import_module(ckpt["algorithm"])  # rfcl.py / rlpd.py beside this file
     actor = module.Actor(int(ckpt["act_dim"]), tuple(int(h) for h in ckpt["hidden_dims"]))
-    act = jax.jit(partial(module.deterministic_action, actor, ckpt["actor_params"]))
-    return ckpt, act
+    return ckpt, jax.jit(partial(module.deterministic_action, actor, ckpt["actor_params"]))
 
 
 def make_env_kwargs(ckpt: dict, max_steps: int, num_envs: int, sim_backend: str, render: bool) -> dict:
@@ -97,12 +84,6 @@ class RecordingWorker(gym.Wrapper):
     """One CPU env in a worker process: RecordEpisode (trajectories) inside CPUGymWrapper."""
 
     def __init__(self, env_id: str, env_kwargs: dict, out_dir: str, idx: int, source: str, record_video: bool):
-        import mani_skill.envs  # noqa: F401
-        from mani_skill.utils.wrappers.gymnasium import CPUGymWrapper
-        from mani_skill.utils.wrappers.record import RecordEpisode
-
-        import common
-
         env = gym.make(env_id, **env_kwargs)
         self.video = common.VideoRecorder(env) if record_video else None
         self.record = RecordEpisode(self.video or env, output_dir=out_dir, trajectory_name=f"part{idx}",
@@ -127,13 +108,11 @@ class RecordingWorker(gym.Wrapper):
 
 class CPURecorder:
     def __init__(self, ckpt, args: Args, max_steps: int, tmp: str):
-        from gymnasium.vector import AutoresetMode
-
         source = SOURCE_DESC.format(algo=ckpt["algorithm"], path=args.checkpoint)
         fns = [partial(RecordingWorker, ckpt["env_id"],
                        make_env_kwargs(ckpt, max_steps, 1, "physx_cpu", render=args.save_video and i == 0),
                        tmp, i, source, args.save_video and i == 0) for i in range(args.num_envs)]
-        self.envs = gym.vector.AsyncVectorEnv(fns, context="spawn", autoreset_mode=AutoresetMode.DISABLED)
+        self.envs = gym.vector.AsyncVectorEnv(fns, context="spawn", autoreset_mode=gym.vector.AutoresetMode.DISABLED)
         self.obs_dim = self.envs.single_observation_space.shape[0]
         self.act_dim = self.envs.single_action_space.shape[0]
 
@@ -158,14 +137,6 @@ class CPURecorder:
 
 class GPURecorder:
     def __init__(self, ckpt, args: Args, max_steps: int, tmp: str):
-        import mani_skill.envs  # noqa: F401
-        import torch
-        from mani_skill.utils.wrappers.record import RecordEpisode
-
-        import common
-
-        if not torch.cuda.is_available():
-            fail("GPU simulation needs CUDA; use --sim-backend cpu")
         env = gym.make(ckpt["env_id"], **make_env_kwargs(ckpt, max_steps, args.num_envs, "physx_cuda",
                                                           render=args.save_video))
         self.video = common.VideoRecorder(env, env_index=0) if args.save_video else None
@@ -174,14 +145,13 @@ class GPURecorder:
                                     source_desc=SOURCE_DESC.format(algo=ckpt["algorithm"], path=args.checkpoint))
         self.obs_dim = env.unwrapped.single_observation_space.shape[0]
         self.act_dim = env.unwrapped.single_action_space.shape[0]
+        self.device = env.unwrapped.device
 
     def reset(self, seeds):
         return self.record.reset(seed=[int(s) for s in seeds])[0].cpu().numpy()
 
     def step(self, actions):
-        import torch
-
-        obs, _, _, _, info = self.record.step(torch.as_tensor(np.asarray(actions), device="cuda"))
+        obs, _, _, _, info = self.record.step(torch.as_tensor(np.asarray(actions), device=self.device))
         return obs.cpu().numpy(), info["success"].cpu().numpy()
 
     def finish(self, saves, video_path=None):
@@ -202,32 +172,32 @@ class GPURecorder:
 
 
 def main(args: Args) -> None:
-    import warnings
-
-    from tqdm import tqdm
-
-    from mani_skill.trajectory.merge_trajectory import merge_trajectories
-
     warnings.filterwarnings("ignore", module="mani_skill")
+    if args.num_envs < 1 or args.num_episodes < 1:
+        common.fail(f"--num-envs and --num-episodes must be >= 1 (got {args.num_envs}, {args.num_episodes})")
+    if args.sim_backend == "gpu" and not torch.cuda.is_available():
+        common.fail("GPU simulation needs CUDA; use --sim-backend cpu")
     ckpt, act = load_policy(args.checkpoint)
     train_args = json.loads(ckpt["args"])
     max_steps = args.max_episode_steps or int(train_args.get("max_episode_steps", 50))
     max_attempts = args.max_attempts or 10 * args.num_episodes
     ckpt_path = Path(args.checkpoint)
     out_dir = Path(args.output_dir) if args.output_dir else ckpt_path.resolve().parent.parent / "demos"
+    if out_dir.exists() and not out_dir.is_dir():
+        common.fail(f"--output-dir {out_dir} is a file, not a folder; pass a folder (it is created if missing)")
     out_dir.mkdir(parents=True, exist_ok=True)
     name = (f"{ckpt['algorithm']}_{ckpt_path.stem}_{args.num_episodes}_{time.strftime('%Y%m%d_%H%M%S')}."
             f"{ckpt['obs_mode']}.{ckpt['control_mode']}.physx_{'cuda' if args.sim_backend == 'gpu' else 'cpu'}")
     out_h5 = out_dir / f"{name}.h5"
     if out_h5.exists() or out_h5.with_suffix(".json").exists():
-        fail(f"{out_h5} already exists; nothing was overwritten, run again (names carry the time)")
+        common.fail(f"{out_h5} already exists; nothing was overwritten, run again (names carry the time)")
 
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix=".tmp", dir=out_dir) as tmp:
         rec = (GPURecorder if args.sim_backend == "gpu" else CPURecorder)(ckpt, args, max_steps, tmp)
         if (rec.obs_dim, rec.act_dim) != (int(ckpt["obs_dim"]), int(ckpt["act_dim"])):
             rec.close()
-            fail(f"{ckpt['env_id']} with {ckpt['control_mode']} has obs/action dims {rec.obs_dim}/{rec.act_dim}, "
+            common.fail(f"{ckpt['env_id']} with {ckpt['control_mode']} has obs/action dims {rec.obs_dim}/{rec.act_dim}, "
                  f"the checkpoint expects {ckpt['obs_dim']}/{ckpt['act_dim']}")
         kept = attempts = successes = videos = 0
         pbar = tqdm(total=args.num_episodes, unit="demo", dynamic_ncols=True)
@@ -262,7 +232,7 @@ def main(args: Args) -> None:
               "success_rate": successes / max(attempts, 1), "seconds": round(time.time() - t0, 1)}
     print(json.dumps(report))
     if kept < args.num_episodes:
-        fail(f"the policy succeeded in {successes} of {attempts} episodes ({report['success_rate']:.1%}); "
+        common.fail(f"the policy succeeded in {successes} of {attempts} episodes ({report['success_rate']:.1%}); "
              f"wrote {kept} of {args.num_episodes} demos after --max-attempts {max_attempts}: train longer or "
              f"raise --max-attempts")
 

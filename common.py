@@ -1,15 +1,20 @@
-"""Shared plumbing for rfcl.py, rlpd.py and collect_demos.py: demonstrations and videos.
+"""Shared plumbing for rfcl.py, rlpd.py and collect_demos.py. Nothing algorithmic lives here.
 
-Nothing algorithmic lives here. Three jobs:
-  * get_demos():  find a ManiSkill trajectory file for (env id, obs mode, control mode), or make one
-                  (download if the network allows, else ManiSkill's motion planners, offline), cached.
-  * load_demos(): read and validate such a file into flat transition arrays + per-trajectory env states.
-  * add_video_recorder(): wrap an env so its episodes become mp4 files.
-Every user-facing failure is a DemoError whose message is one line naming the file and the fix.
+What is here is the part of a run that both algorithms must do the same way, so that their numbers compare:
+  * run set-up:    presets, input checks, the runs/<exp-name>/ directory, tensorboard (+ W&B), atomic files.
+  * demos:         get_demos() finds a ManiSkill trajectory file for (env id, obs mode, control mode) or makes one
+                   (download if the network allows, else ManiSkill's motion planners, offline), cached;
+                   load_demos() reads and validates it into flat transition arrays + per-trajectory env states.
+  * environments:  CPU (one process per env) and GPU-batched ManiSkill envs behind one reset/step interface,
+                   with resets to a demo's state; eval-episode rollouts; mp4 videos.
+  * checkpoints:   one self-describing file per checkpoint, written atomically, read back with one-line errors.
+Every user-facing failure is one line saying what was wrong and how to fix it (fail(), DemoError).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import subprocess
@@ -18,13 +23,140 @@ import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Optional
 
 import gymnasium as gym
 import h5py
+import jax
+import mani_skill.envs  # noqa: F401 - registers ManiSkill's envs with gymnasium
 import numpy as np
+import torch
+import tyro
+from flax import serialization
+from gymnasium.vector import AutoresetMode
+from mani_skill.utils.wrappers.gymnasium import CPUGymWrapper
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+KNOWN_ALGORITHMS = ("rfcl", "rlpd")
 
 
+# ----------------------------------------------------------------------------------------------
+# Run set-up
+# ----------------------------------------------------------------------------------------------
+def fail(msg: str):
+    """One-line error for the user, no traceback."""
+    sys.exit(f"error: {msg}")
+
+
+def parse_args(args_cls, presets: dict, description: str, argv=None):
+    """`--preset X` picks the defaults (presets[X]); every other flag given overrides them."""
+    argv = sys.argv[1:] if argv is None else argv
+    preset = next(iter(presets))
+    for i, a in enumerate(argv):
+        if a == "--preset" and i + 1 < len(argv):
+            preset = argv[i + 1]
+        elif a.startswith("--preset="):
+            preset = a.split("=", 1)[1]
+    default = presets.get(preset, presets[next(iter(presets))])  # tyro rejects an unknown name itself
+    return tyro.cli(args_cls, default=default, args=argv, description=description)
+
+
+def check_inputs(args, algorithm: str) -> tuple[Optional[dict], Path]:
+    """The checks rfcl.py and rlpd.py share, before anything is built or written. Returns the --checkpoint
+    (or None) and the run directory to create once the envs and demos are found to match."""
+    if args.env_id not in gym.registry:
+        try:
+            gym.spec(args.env_id)
+        except gym.error.Error as e:  # gymnasium's message says "Did you mean" where it can
+            fail(f"unknown env id {args.env_id!r}: {e}")
+    for name in ("total_timesteps", "num_envs", "num_eval_envs", "num_eval_episodes", "steps_per_env",
+                 "grad_updates_per_step", "eval_freq", "save_freq", "log_freq", "buffer_size", "batch_size",
+                 "max_episode_steps", "actor_update_freq", "num_qs"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.batch_size % 2:
+        fail("--batch-size must be even (half online, half offline)")
+    if not 1 <= args.num_min_qs <= args.num_qs:
+        fail(f"--num-min-qs must be in 1..--num-qs ({args.num_qs}), got {args.num_min_qs}")
+    if args.evaluate and not args.checkpoint:
+        fail("--evaluate needs --checkpoint PATH")
+    if args.sim_backend == "gpu":
+        check_gpu_simulation()
+    if args.track:
+        try:
+            import wandb  # noqa: F401 - optional, only with --track
+        except ImportError:
+            fail("--track needs Weights & Biases: pip install wandb (or drop --track)")
+    ckpt = load_checkpoint(args.checkpoint, algorithm, args) if args.checkpoint else None
+    return ckpt, run_dir_for(args, algorithm)
+
+
+def check_gpu_simulation() -> None:
+    """--sim-backend gpu needs CUDA for torch and for jax (observations pass between them by DLPack), and SAPIEN's
+    PhysX GPU library, which SAPIEN downloads from GitHub the first time GPU physics starts."""
+    if not torch.cuda.is_available():
+        fail("GPU simulation needs CUDA; use --sim-backend cpu")
+    # JAX would take 75% of the GPU at start-up and leave PhysX, torch and the renderer the rest
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    if jax.default_backend() != "gpu":
+        fail("GPU simulation needs a CUDA build of jax (pip install \"jax[cuda12]==0.6.2\"); or use --sim-backend cpu")
+    import sapien
+
+    try:
+        sapien.physx.enable_gpu()  # a no-op once loaded
+    except Exception as e:  # noqa: BLE001 - a failed download or load, reported as one line
+        where = Path.home() / ".sapien" / "physx" / sapien.physx.version()
+        fail(f"SAPIEN's PhysX GPU library could not be downloaded or loaded ({type(e).__name__}); on a machine "
+             f"without access to GitHub, unzip linux-so.zip of release {sapien.physx.version()} of "
+             f"sapien-sim/physx-precompiled into {where} (it holds libPhysXGpu_64.so), or use --sim-backend cpu")
+
+
+def run_dir_for(args, algorithm: str) -> Path:
+    """runs/<exp-name>: a plain name, refused if it exists. Created by make_run_dir once the inputs are
+    validated, so a rejected command leaves nothing behind that would block its corrected rerun."""
+    if args.exp_name is None:
+        args.exp_name = f"{args.env_id}__{algorithm}{'_eval' if args.evaluate else ''}__{args.seed}__{int(time.time())}"
+    if Path(args.exp_name).name != args.exp_name or args.exp_name in ("", ".", ".."):
+        fail(f"--exp-name must be a plain name (a folder under runs/), got {args.exp_name!r}")
+    run_dir = Path("runs") / args.exp_name
+    if run_dir.exists():
+        fail(f"run directory {run_dir} already exists; pass another --exp-name (nothing was overwritten)")
+    return run_dir
+
+
+def make_run_dir(run_dir: Path, args) -> None:
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "videos").mkdir()
+    write_json(run_dir / "args.json", dataclasses.asdict(args))
+
+
+def open_writer(run_dir: Path, args):
+    """TensorBoard writer with the hyper-parameters as text. With --track, W&B starts first: its TensorBoard
+    sync patches the writer, so a writer made before wandb.init would send it nothing."""
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, name=args.exp_name, config=dataclasses.asdict(args),
+                   sync_tensorboard=True, save_code=True, dir=str(run_dir))
+    writer = SummaryWriter(str(run_dir))
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
+        f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items()))
+    return writer
+
+
+def write_json(path: Path, obj) -> None:
+    """Atomic: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Demonstrations
+# ----------------------------------------------------------------------------------------------
 class DemoError(ValueError):
     """A problem with demonstration data that the user can fix; the message says how."""
 
@@ -181,23 +313,20 @@ def get_demos(env_id: str, obs_mode: str, control_mode: str, num_demos: int,
 class Demos:
     """Transitions of the first `num_demos` trajectories, flattened in trajectory order.
 
-    rewards = the demo's per-step success (sparse). terminated/truncated are as recorded;
-    `traj_end` marks each trajectory's last transition. Per trajectory (lists, len num_demos):
-    obs (T+1, obs_dim), env_states (nested dict of arrays with leading T+1), episode json.
+    rewards = the demo's per-step success (sparse); terminated as recorded (else = success); `traj_end` marks
+    each trajectory's last transition. Per trajectory (lists, len num_demos): obs (T+1, obs_dim), env_states
+    (nested dict of arrays with leading T+1; empty when loaded without them), episode json.
     """
 
-    path: Path
     obs: np.ndarray
     next_obs: np.ndarray
     actions: np.ndarray
     rewards: np.ndarray
     terminated: np.ndarray
-    truncated: np.ndarray
     traj_end: np.ndarray
     traj_obs: list = field(default_factory=list)
     env_states: list = field(default_factory=list)
     episodes: list = field(default_factory=list)
-    env_info: dict = field(default_factory=dict)
 
     @property
     def num_trajectories(self) -> int:
@@ -214,11 +343,12 @@ def _read_group(g: h5py.Group) -> dict:
 
 def load_demos(path, num_demos: int, env_id: str | None = None, obs_mode: str | None = None,
                control_mode: str | None = None, obs_dim: int | None = None, act_dim: int | None = None,
-               shuffle: bool = False, seed: int = 0) -> Demos:
-    """Load and validate `num_demos` trajectories of a ManiSkill trajectory file (.h5 + .json).
+               env_states: bool = True) -> Demos:
+    """Load and validate the first `num_demos` trajectories of a ManiSkill trajectory file (.h5 + .json).
 
     Every check that is given a value (env id, modes, dims) is enforced; each failure is a DemoError
-    whose one-line message names the file and the fix.
+    whose one-line message names the file and the fix. `env_states=False` loads files without simulator
+    states (rlpd.py needs only observations, actions and success).
     """
     path = Path(path)
     fix = "pass --dataset-path to a ManiSkill trajectory .h5 (its .json beside it), or omit it to use/generate cached demos"
@@ -247,13 +377,10 @@ def load_demos(path, num_demos: int, env_id: str | None = None, obs_mode: str | 
     if num_demos > len(episodes):
         raise DemoError(f"--num-demos {num_demos} but {path} holds only {len(episodes)} trajectories; "
                         f"ask for at most {len(episodes)}, or omit --dataset-path to generate more")
-    order = np.arange(len(episodes))
-    if shuffle:
-        order = np.random.default_rng(seed).permutation(len(episodes))
-    chosen = [episodes[i] for i in order[:num_demos]]
+    chosen = episodes[:num_demos]
 
-    cols = {k: [] for k in ("obs", "next_obs", "actions", "rewards", "terminated", "truncated", "traj_end")}
-    traj_obs, env_states = [], []
+    cols = {k: [] for k in ("obs", "next_obs", "actions", "rewards", "terminated", "traj_end")}
+    traj_obs, states = [], []
     try:
         with h5py.File(path, "r") as f:
             for ep in chosen:
@@ -261,7 +388,7 @@ def load_demos(path, num_demos: int, env_id: str | None = None, obs_mode: str | 
                 if key not in f:
                     raise DemoError(f"{path} lacks {key} listed in its json; the pair is inconsistent, {fix}")
                 g = f[key]
-                for need in ("obs", "actions", "success", "env_states"):
+                for need in ("obs", "actions", "success") + (("env_states",) if env_states else ()):
                     if need not in g:
                         raise DemoError(f"{path}:{key} has no '{need}'; re-record or re-convert it with "
                                         f"ManiSkill's replay_trajectory (--use-first-env-state --save-traj)")
@@ -274,18 +401,18 @@ def load_demos(path, num_demos: int, env_id: str | None = None, obs_mode: str | 
                     raise DemoError(f"{path}:{key} has {obs.shape[0]} observations for {T} actions (need T+1)")
                 success = g["success"][()].astype(bool)
                 term = g["terminated"][()].astype(bool) if "terminated" in g else success.copy()
-                trunc = g["truncated"][()].astype(bool) if "truncated" in g else np.zeros(T, bool)
                 cols["obs"].append(obs[:-1]); cols["next_obs"].append(obs[1:]); cols["actions"].append(act)
                 cols["rewards"].append(success.astype(np.float32))
-                cols["terminated"].append(term); cols["truncated"].append(trunc)
+                cols["terminated"].append(term)
                 end = np.zeros(T, bool); end[-1] = True; cols["traj_end"].append(end)
                 traj_obs.append(obs)
-                env_states.append(_read_group(g["env_states"]))
+                if env_states:
+                    states.append(_read_group(g["env_states"]))
     except OSError as e:
         raise DemoError(f"{path} is not a readable HDF5 file (corrupted or truncated: {str(e).splitlines()[0]}); "
                         f"delete it (and its .json) and rerun to regenerate, or pass another --dataset-path") from None
-    d = Demos(path=path, **{k: np.concatenate(v) for k, v in cols.items()}, traj_obs=traj_obs,
-              env_states=env_states, episodes=chosen, env_info=meta.get("env_info", {}))
+    d = Demos(**{k: np.concatenate(v) for k, v in cols.items()}, traj_obs=traj_obs, env_states=states,
+              episodes=chosen)
     if obs_dim is not None and d.obs.shape[1] != obs_dim:
         raise DemoError(f"{path} has observations of dim {d.obs.shape[1]} but {env_id or 'the env'} has {obs_dim}; "
                         f"the demos were recorded for another env/obs mode, pass matching demos")
@@ -293,6 +420,335 @@ def load_demos(path, num_demos: int, env_id: str | None = None, obs_mode: str | 
         raise DemoError(f"{path} has actions of dim {d.actions.shape[1]} but {env_id or 'the env'} has {act_dim} "
                         f"with this control mode; pass demos recorded with the same --control-mode")
     return d
+
+
+# ----------------------------------------------------------------------------------------------
+# Environments
+# ----------------------------------------------------------------------------------------------
+# Both backends offer one interface, with resets and time limits driven by the training loop:
+#   reset(mask, seeds, demo_starts=None) -> obs     (only envs where mask; demo_starts[i] = (demo, t) or None)
+#   step(actions) -> next_obs, terminated, success  (no auto-reset: next_obs is the true next observation,
+#                                                    which is what the transition at a time limit must store)
+# Episodes that start at a demo state return the demo's recorded observation: right after
+# set_state_dict, contact-based entries (PickCube's is_grasped) are stale until a physics step.
+def env_kwargs(args, num_envs: int, sim_backend: str, render: bool) -> dict:
+    """gym.make keywords from a script's Args (env_id, obs_mode, control_mode, render_size)."""
+    kw = dict(obs_mode=args.obs_mode, control_mode=args.control_mode, reward_mode="sparse",
+              sim_backend=sim_backend, num_envs=num_envs, max_episode_steps=100_000)  # the loop truncates
+    if render:
+        kw.update(render_mode="rgb_array",
+                  human_render_camera_configs=dict(width=args.render_size, height=args.render_size))
+    return kw
+
+
+class CPUWorkerEnv(gym.Wrapper):
+    """Lives in a worker process: one ManiSkill CPU env that can reset to a demo state and record video."""
+
+    def __init__(self, env_id: str, kwargs: dict, idx: int = 0, demos: Optional[Demos] = None, record: bool = False):
+        env = gym.make(env_id, **kwargs)
+        self.recorder = VideoRecorder(env) if record else None
+        super().__init__(CPUGymWrapper(self.recorder or env))
+        self.idx, self.demos = idx, demos
+
+    def reset(self, seed=None, options=None):
+        start = (options or {}).get("demo_starts", [None] * (self.idx + 1))[self.idx]
+        if start is None:
+            return self.env.reset(seed=seed)
+        i, t = start
+        ep = self.demos.episodes[i]
+        _, info = self.env.reset(seed=ep["episode_seed"], options=(ep.get("reset_kwargs") or {}).get("options") or {})
+        self.env.unwrapped.set_state_dict(jax.tree_util.tree_map(lambda x: x[t], self.demos.env_states[i]))
+        return self.demos.traj_obs[i][t].copy(), info
+
+    def video(self, start: bool = False, save_path: Optional[str] = None):
+        if self.recorder is not None:
+            self.recorder.stop(save_path) if not start else self.recorder.start()
+
+
+class CPUEnvs:
+    """num_envs CPU simulators, each in its own process, stepped in parallel."""
+
+    def __init__(self, args, num_envs: int, demos: Optional[Demos] = None, record: bool = False):
+        fns = [partial(CPUWorkerEnv, args.env_id, env_kwargs(args, 1, "physx_cpu", render=record and i == 0), i,
+                       demos, record and i == 0) for i in range(num_envs)]
+        # spawn: the parent already runs JAX threads, which must not be forked
+        self.envs = gym.vector.AsyncVectorEnv(fns, context="spawn", autoreset_mode=AutoresetMode.DISABLED)
+        self.num_envs = num_envs
+        self.obs_dim = self.envs.single_observation_space.shape[0]
+        self.act_dim = self.envs.single_action_space.shape[0]
+        self.obs = np.zeros((num_envs, self.obs_dim), np.float32)
+
+    def reset(self, mask, seeds, demo_starts=None):
+        options = {"reset_mask": np.asarray(mask, bool)}
+        if demo_starts is not None:
+            options["demo_starts"] = list(demo_starts)
+        obs, _ = self.envs.reset(seed=[int(s) for s in seeds], options=options)
+        self.obs[mask] = obs[mask]
+        return self.obs.copy()
+
+    def step(self, actions):
+        obs, _, terminated, _, info = self.envs.step(np.asarray(actions))
+        self.obs = obs
+        return obs, np.asarray(terminated, bool), np.asarray(info["success"], bool)
+
+    def video(self, start=False, save_path=None):
+        self.envs.call("video", start=start, save_path=save_path)
+
+    def close(self):
+        self.envs.close()
+
+
+class GPUEnvs:
+    """One ManiSkill GPU-batched env; observations reach JAX through DLPack, without a host copy."""
+
+    def __init__(self, args, num_envs: int, demos: Optional[Demos] = None, record: bool = False):
+        env = gym.make(args.env_id, **env_kwargs(args, num_envs, "physx_cuda", render=record))
+        self.recorder = VideoRecorder(env, env_index=0) if record else None
+        self.env = self.recorder or env
+        self.base = env.unwrapped
+        self.num_envs = num_envs
+        self.obs_dim = self.base.single_observation_space.shape[0]
+        self.act_dim = self.base.single_action_space.shape[0]
+        self.seeds = np.zeros(num_envs, np.int64)
+        self.device = self.base.device
+        if demos is not None:  # demo states and observations live on the GPU, for batched resets
+            self.demo_states = [jax.tree_util.tree_map(lambda x: torch.as_tensor(x, device=self.device), s)
+                                for s in demos.env_states]
+            self.demo_obs = [torch.as_tensor(o, device=self.device) for o in demos.traj_obs]
+        self.obs = None
+
+    def reset(self, mask, seeds, demo_starts=None):
+        idx = np.flatnonzero(mask)
+        self.seeds[idx] = seeds[idx]
+        env_idx = torch.as_tensor(idx, device=self.device)
+        starts = demo_starts if demo_starts is not None else [None] * self.num_envs
+        from_demo = [j for j in idx if starts[j] is not None]
+        seeded = [j for j in idx if starts[j] is None]
+        # ManiSkill draws the initial states of all envs of one reset call from one torch stream, seeded with
+        # the first env's seed: env j would not get the state of its own seed, and the forward curriculum
+        # scores seeds. So seeded envs reset one at a time (then seed s always gives the same initial state;
+        # not CPU's, which draws from the CPU generator); demo-start envs share one call, since
+        # set_state_dict overwrites what it drew.
+        obs = None
+        if from_demo:
+            obs, _ = self.env.reset(options=dict(env_idx=torch.as_tensor(from_demo, device=self.device)))
+        for j in seeded:
+            one = torch.as_tensor([j], device=self.device)
+            obs, _ = self.env.reset(seed=int(self.seeds[j]), options=dict(env_idx=one))
+        obs = obs.clone()  # each reset returns every env's current observation
+        for j in from_demo:
+            i, t = starts[j]
+            state = jax.tree_util.tree_map(lambda x, t=t: x[t:t + 1], self.demo_states[i])
+            self.base.set_state_dict(state, torch.as_tensor([j], device=self.device))
+            obs[j] = self.demo_obs[i][t]
+        # never write into a tensor already handed to JAX (DLPack shares the memory): build a new one
+        if self.obs is not None:
+            keep = self.obs.clone()
+            keep[env_idx] = obs[env_idx]
+            obs = keep
+        self.obs = obs
+        return jax.dlpack.from_dlpack(self.obs.contiguous())
+
+    def step(self, actions):
+        actions = torch.from_dlpack(actions) if isinstance(actions, jax.Array) else torch.as_tensor(actions)
+        obs, _, terminated, _, info = self.env.step(actions.to(self.device))
+        self.obs = obs.clone()
+        return jax.dlpack.from_dlpack(self.obs.contiguous()), terminated.cpu().numpy(), info["success"].cpu().numpy()
+
+    def video(self, start=False, save_path=None):
+        if self.recorder is not None:
+            self.recorder.stop(save_path) if not start else self.recorder.start()
+
+    def close(self):
+        self.env.close()
+
+
+def make_envs(args, num_envs: int, demos: Optional[Demos] = None, record: bool = False):
+    """The vector env of args.sim_backend; `demos` enables demo-start resets."""
+    return (GPUEnvs if args.sim_backend == "gpu" else CPUEnvs)(args, num_envs, demos, record)
+
+
+def evaluate(envs, act_fn, max_episode_steps: int, num_episodes: int, video_path: Optional[str] = None) -> dict:
+    """`act_fn(obs) -> actions` (the deterministic policy) for fixed-length episodes from eval seeds 10**6 + k, unused by demos
+    and training. num_episodes is rounded up to whole rounds of envs.num_envs; the video shows round 0, env 0."""
+    n = envs.num_envs
+    rounds = -(-num_episodes // n)
+    once, at_end, returns = [], [], []
+    for r in range(rounds):
+        seeds = 10**6 + r * n + np.arange(n)
+        obs = envs.reset(np.ones(n, bool), seeds)
+        if video_path and r == 0:
+            envs.video(start=True)
+        ret, got = np.zeros(n), np.zeros(n, bool)
+        for _ in range(max_episode_steps):
+            obs, _, success = envs.step(np.asarray(act_fn(obs)))
+            ret += success
+            got |= success
+        if video_path and r == 0:
+            envs.video(save_path=video_path)
+        once.append(got), at_end.append(success), returns.append(ret)
+    return {"eval/success_once": float(np.mean(once)), "eval/success_at_end": float(np.mean(at_end)),
+            "eval/return": float(np.mean(returns)), "eval/episodes": rounds * n}
+
+
+
+def get_and_load_demos(args, env_states: bool) -> tuple[Demos, Path]:
+    """The first --num-demos demos for a script's Args (found, downloaded or generated), and their file."""
+    try:
+        path = get_demos(args.env_id, args.obs_mode, args.control_mode, args.num_demos, args.dataset_path)
+        return load_demos(path, args.num_demos, args.env_id, args.obs_mode, args.control_mode,
+                          env_states=env_states), path
+    except DemoError as e:
+        fail(str(e))
+
+
+def check_dims(args, envs, demos: Demos, path: Path, ckpt: Optional[dict]) -> tuple[int, int]:
+    """The env's (obs_dim, act_dim), after checking that the demos and the --checkpoint (if any) fit them."""
+    obs_dim, act_dim = envs.obs_dim, envs.act_dim
+    if demos.obs.shape[1] != obs_dim or demos.actions.shape[1] != act_dim:
+        fail(f"{path} has obs/action dims {demos.obs.shape[1]}/{demos.actions.shape[1]} but {args.env_id} with "
+             f"{args.control_mode} has {obs_dim}/{act_dim}; pass demos recorded for this env and control mode")
+    if ckpt is not None and (ckpt["obs_dim"], ckpt["act_dim"], ckpt["num_qs"]) != (obs_dim, act_dim, args.num_qs):
+        fail(f"{args.checkpoint} has obs/act dims {ckpt['obs_dim']}/{ckpt['act_dim']} and {ckpt['num_qs']} "
+             f"critics; this run has {obs_dim}/{act_dim} and --num-qs {args.num_qs}")
+    return obs_dim, act_dim
+
+
+
+class RunLog:
+    """What both training loops keep besides the algorithm: the wall-clock split (simulation, updates, eval),
+    the stats of finished training episodes, the log/eval/save schedule, tensorboard and the progress bar."""
+
+    def __init__(self, args, run_dir: Path, writer):
+        self.args, self.run_dir, self.writer = args, run_dir, writer
+        self.seconds = {"simulation": 0.0, "update": 0.0, "eval": 0.0}
+        self.last = {"log": 0, "eval": 0, "save": 0}  # env step of the last of each
+        self.episodes = {"return": [], "success_at_end": [], "success_once": []}
+        self.last_success = float("nan")
+        self.t_start = time.time()
+        self.pbar = tqdm(total=args.total_timesteps, unit="step", dynamic_ncols=True, smoothing=0.05)
+
+    @contextlib.contextmanager
+    def timed(self, part: str):
+        t0 = time.time()
+        yield
+        self.seconds[part] += time.time() - t0
+
+    def episode_ended(self, ret: float, success_at_end: bool, success_once: bool) -> None:
+        for k, v in (("return", ret), ("success_at_end", success_at_end), ("success_once", success_once)):
+            self.episodes[k].append(float(v))
+
+    def due(self, what: str, step: int) -> bool:
+        """True once every --log-freq / --eval-freq / --save-freq env steps (eval also at the last step)."""
+        freq = {"log": self.args.log_freq, "eval": self.args.eval_freq, "save": self.args.save_freq}[what]
+        if step - self.last[what] >= freq or (what == "eval" and step >= self.args.total_timesteps):
+            self.last[what] = step
+            return True
+        return False
+
+    def log(self, step: int, scalars: dict, **postfix) -> None:
+        """Write `scalars` plus SPS, the time split and the episodes finished since the last log."""
+        elapsed = time.time() - self.t_start
+        s = self.seconds
+        out = {"charts/SPS": step / elapsed, "time/simulation_frac": s["simulation"] / elapsed,
+               "time/update_frac": s["update"] / elapsed, "time/eval_frac": s["eval"] / elapsed,
+               "time/other_frac": 1 - sum(s.values()) / elapsed, **scalars}
+        if self.episodes["return"]:
+            out.update({"charts/episodic_return": np.mean(self.episodes["return"]),
+                        "charts/success_at_end": np.mean(self.episodes["success_at_end"]),
+                        "charts/success_once": np.mean(self.episodes["success_once"])})
+            self.episodes = {k: [] for k in self.episodes}
+        for k, v in out.items():
+            self.writer.add_scalar(k, float(v), step)
+        self.pbar.set_postfix(SPS=f"{out['charts/SPS']:.0f}", eval=f"{self.last_success:.2f}", **postfix)
+
+    def evaluate(self, envs, act_fn, step: int) -> dict:
+        """Eval episodes (`evaluate`) with a video, logged at `step`."""
+        with self.timed("eval"):
+            video = str(self.run_dir / "videos" / f"eval_{step:08d}.mp4") if self.args.capture_video else None
+            metrics = evaluate(envs, act_fn, self.args.max_episode_steps, self.args.num_eval_episodes, video)
+        self.last_success = metrics["eval/success_at_end"]
+        for k, v in metrics.items():
+            self.writer.add_scalar(k, v, step)
+        tqdm.write(f"step {step}: eval success_at_end {self.last_success:.3f} success_once "
+                   f"{metrics['eval/success_once']:.3f} ({metrics['eval/episodes']} episodes)")
+        return metrics
+
+    def finish(self, step: int, **extra) -> dict:
+        """runs/<exp-name>/summary.json, also printed as the last line."""
+        self.pbar.close()
+        summary = {"global_step": step, **extra, "eval_success_at_end": self.last_success,
+                   "wall_clock_s": time.time() - self.t_start,
+                   **{f"time_{k}_s": v for k, v in self.seconds.items()}}
+        write_json(self.run_dir / "summary.json", summary)
+        print(json.dumps(summary))
+        self.writer.close()
+        return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
+NETWORK_FIELDS = ("actor_params", "critic_params", "target_params", "log_alpha")
+
+
+def save_checkpoint(path: Path, algorithm: str, args, obs_dim: int, act_dim: int, networks: dict,
+                    global_step: int, extra: Optional[dict] = None) -> None:
+    """One self-describing file (what it is, for which env, with which dims and flags), written atomically.
+    `networks` holds NETWORK_FIELDS."""
+    payload = {
+        "algorithm": algorithm, "env_id": args.env_id, "obs_mode": args.obs_mode, "control_mode": args.control_mode,
+        "obs_dim": obs_dim, "act_dim": act_dim, "hidden_dims": list(args.hidden_dims), "num_qs": args.num_qs,
+        "global_step": global_step, "args": json.dumps(dataclasses.asdict(args)),
+        **{k: jax.device_get(networks[k]) for k in NETWORK_FIELDS},
+        "extra": json.dumps(extra or {}, default=lambda o: np.asarray(o).tolist()),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(serialization.msgpack_serialize(payload))
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, algorithm: Optional[str] = None, args=None) -> dict:
+    """Read a checkpoint and check it: written by `algorithm` (any known one if None), and for the env id and
+    modes of `args` if given. Every mismatch is a one-line error."""
+    p = Path(path)
+    if not p.is_file():
+        fail(f"checkpoint {p} not found; pass runs/<run>/checkpoints/<file>.ckpt")
+    try:
+        ckpt = serialization.msgpack_restore(p.read_bytes())
+        found = ckpt["algorithm"]
+        for k in NETWORK_FIELDS + ("env_id", "obs_dim", "act_dim", "hidden_dims", "args"):
+            ckpt[k]  # noqa: B018 - presence check
+    except Exception:  # noqa: BLE001
+        fail(f"{p} is not a readable rfcl/rlpd checkpoint (corrupted or another format)")
+    if found not in KNOWN_ALGORITHMS:
+        fail(f"{p} is a checkpoint of unknown algorithm {found!r}; these scripts read {', '.join(KNOWN_ALGORITHMS)}")
+    if algorithm is not None and found != algorithm:
+        fail(f"{p} is a {found} checkpoint, not {algorithm}; use {found}.py or collect_demos.py")
+    if args is not None:
+        for k in ("env_id", "control_mode", "obs_mode"):
+            if ckpt[k] != getattr(args, k):
+                fail(f"{p} was trained with --{k.replace('_', '-')} {ckpt[k]}, not {getattr(args, k)}; pass the same")
+    return ckpt
+
+
+
+def evaluate_checkpoint(args, ckpt: dict, run_dir: Path, act) -> dict:
+    """--evaluate: the checkpoint's deterministic policy `act` on --num-eval-episodes eval episodes, with a video;
+    the metrics go to runs/<exp-name>/eval.json and stdout."""
+    envs = make_envs(args, args.num_eval_envs, record=args.capture_video)
+    if (envs.obs_dim, envs.act_dim) != (int(ckpt["obs_dim"]), int(ckpt["act_dim"])):
+        envs.close()
+        fail(f"{args.checkpoint} expects obs/action dims {ckpt['obs_dim']}/{ckpt['act_dim']}, the env has "
+             f"{envs.obs_dim}/{envs.act_dim}")
+    make_run_dir(run_dir, args)
+    video = str(run_dir / "videos" / "eval.mp4") if args.capture_video else None
+    metrics = evaluate(envs, act, args.max_episode_steps, args.num_eval_episodes, video)
+    envs.close()
+    write_json(run_dir / "eval.json", metrics)
+    print(json.dumps(metrics))
+    return metrics
 
 
 # ----------------------------------------------------------------------------------------------

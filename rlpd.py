@@ -1,27 +1,29 @@
 """RLPD: RL with Prior Data (Ball et al., ICML 2023) on ManiSkill3, in JAX.
 
-Explained section by section in docs/rlpd.md. One file, top to bottom: Args -> environments -> networks and the
-jitted SAC update -> replay buffers -> checkpoints -> eval -> main loop.
+Explained section by section in docs/rlpd.md. One file, top to bottom: Args -> networks and the jitted SAC
+update -> replay buffers -> the training loop. The plumbing that rfcl.py shares (envs, eval rollouts,
+checkpoint files, run directory) is in common.py.
     python rlpd.py --env-id PickCube-v1 --num-demos 100
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import json
-import os
 import signal
 import sys
-import time
 import warnings
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Literal, Optional
 
-import gymnasium as gym
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+from flax import struct
+from flax.training.train_state import TrainState
+
+import common
 
 ALGORITHM = "rlpd"
 
@@ -115,7 +117,7 @@ class Args:
     init_temperature: float = 0.01
     """initial entropy temperature alpha (learned afterwards). Not 1.0: on ManiSkill3 tasks whose success needs a
     static robot, alpha = 1 drives the policy to maximum entropy before any online success, and with a flat Q
-    nothing brings it back (README, "Why the initial temperature is 0.01")"""
+    nothing brings it back (docs/results.md, "Why the initial temperature is 0.01")"""
     target_entropy_scale: float = 0.5
     """target entropy = -scale * action_dim"""
     backup_entropy: bool = False
@@ -132,176 +134,9 @@ PRESETS = {
 }
 
 
-def parse_args(argv=None) -> Args:
-    """`--preset X` picks the defaults; all other flags override them."""
-    import tyro
-
-    argv = sys.argv[1:] if argv is None else argv
-    preset = "walltime"
-    for i, a in enumerate(argv):
-        if a == "--preset" and i + 1 < len(argv):
-            preset = argv[i + 1]
-        elif a.startswith("--preset="):
-            preset = a.split("=", 1)[1]
-    default = PRESETS.get(preset, PRESETS["walltime"])
-    return tyro.cli(Args, default=default, args=argv, description=__doc__)
-
-
-def fail(msg: str):
-    """One-line error for the user, no traceback."""
-    sys.exit(f"error: {msg}")
-
-
-# ======================================================================================================
-# Environments
-# ======================================================================================================
-# Both backends offer one interface, with resets and time limits driven by the training loop:
-#   reset(mask, seeds) -> obs                       (only envs where mask)
-#   step(actions) -> next_obs, terminated, success  (no auto-reset: next_obs is the true next observation,
-#                                                    which is what the transition at a time limit must store)
-def env_kwargs(args: Args, num_envs: int, sim_backend: str, render: bool) -> dict:
-    kw = dict(obs_mode=args.obs_mode, control_mode=args.control_mode, reward_mode="sparse",
-              sim_backend=sim_backend, num_envs=num_envs, max_episode_steps=100_000)  # the loop truncates
-    if render:
-        kw.update(render_mode="rgb_array",
-                  human_render_camera_configs=dict(width=args.render_size, height=args.render_size))
-    return kw
-
-
-class CPUWorkerEnv(gym.Wrapper):
-    """Lives in a worker process: one ManiSkill CPU env that can record video."""
-
-    def __init__(self, args_dict: dict, record: bool):
-        import mani_skill.envs  # noqa: F401 - registers the envs
-        from mani_skill.utils.wrappers.gymnasium import CPUGymWrapper
-
-        import common
-
-        args = Args(**args_dict)
-        env = gym.make(args.env_id, **env_kwargs(args, 1, "physx_cpu", render=record))
-        self.recorder = common.VideoRecorder(env) if record else None
-        super().__init__(CPUGymWrapper(self.recorder or env))
-
-    def video(self, start: bool = False, save_path: Optional[str] = None):
-        if self.recorder is not None:
-            self.recorder.stop(save_path) if not start else self.recorder.start()
-
-
-class CPUEnvs:
-    """num_envs CPU simulators, each in its own process, stepped in parallel."""
-
-    def __init__(self, args: Args, num_envs: int, record: bool = False):
-        from gymnasium.vector import AutoresetMode
-
-        fns = [partial(CPUWorkerEnv, dataclasses.asdict(args), record and i == 0) for i in range(num_envs)]
-        # spawn: the parent already runs JAX threads, which must not be forked
-        self.envs = gym.vector.AsyncVectorEnv(fns, context="spawn", autoreset_mode=AutoresetMode.DISABLED)
-        self.num_envs = num_envs
-        self.obs_dim = self.envs.single_observation_space.shape[0]
-        self.act_dim = self.envs.single_action_space.shape[0]
-        self.obs = np.zeros((num_envs, self.obs_dim), np.float32)
-
-    def reset(self, mask, seeds):
-        obs, _ = self.envs.reset(seed=[int(s) for s in seeds], options={"reset_mask": np.asarray(mask, bool)})
-        self.obs[mask] = obs[mask]
-        return self.obs.copy()
-
-    def step(self, actions):
-        obs, _, terminated, _, info = self.envs.step(np.asarray(actions))
-        self.obs = obs
-        return obs, np.asarray(terminated, bool), np.asarray(info["success"], bool)
-
-    def video(self, start=False, save_path=None):
-        self.envs.call("video", start=start, save_path=save_path)
-
-    def close(self):
-        self.envs.close()
-
-
-class GPUEnvs:
-    """One ManiSkill GPU-batched env; observations reach JAX through DLPack, without a host copy."""
-
-    def __init__(self, args: Args, num_envs: int, record: bool = False):
-        import mani_skill.envs  # noqa: F401
-
-        import common
-
-        env = gym.make(args.env_id, **env_kwargs(args, num_envs, "physx_cuda", render=record))
-        self.recorder = common.VideoRecorder(env, env_index=0) if record else None
-        self.env = self.recorder or env
-        self.base = env.unwrapped
-        self.num_envs = num_envs
-        self.obs_dim = self.base.single_observation_space.shape[0]
-        self.act_dim = self.base.single_action_space.shape[0]
-        self.seeds = np.zeros(num_envs, np.int64)
-        self.device = "cuda"
-        self.obs = None
-
-    def _to_jax(self, x):
-        import jax
-
-        return jax.dlpack.from_dlpack(x.contiguous())
-
-    def reset(self, mask, seeds):
-        import torch
-
-        idx = np.flatnonzero(mask)
-        self.seeds[idx] = seeds[idx]
-        env_idx = torch.as_tensor(idx, device=self.device)
-        # ManiSkill draws the initial states of all envs of one reset call from one torch stream, seeded with
-        # the first env's seed. One env at a time, seed s always gives the same initial state (as in rfcl.py;
-        # not CPU's, which draws from the CPU generator), so both algorithms see the same eval episodes.
-        for j in idx:
-            one = torch.as_tensor([j], device=self.device)
-            obs, _ = self.env.reset(seed=int(self.seeds[j]), options=dict(env_idx=one))
-        obs = obs.clone()  # each reset returns every env's current observation
-        # never write into a tensor already handed to JAX (DLPack shares the memory): build a new one
-        if self.obs is not None:
-            keep = self.obs.clone()
-            keep[env_idx] = obs[env_idx]
-            obs = keep
-        self.obs = obs
-        return self._to_jax(self.obs)
-
-    def step(self, actions):
-        import torch
-
-        actions = torch.from_dlpack(actions) if isinstance(actions, jax.Array) else torch.as_tensor(actions)
-        obs, _, terminated, _, info = self.env.step(actions.to(self.device))
-        self.obs = obs.clone()
-        return self._to_jax(self.obs), terminated.cpu().numpy(), info["success"].cpu().numpy()
-
-    def video(self, start=False, save_path=None):
-        if self.recorder is not None:
-            self.recorder.stop(save_path) if not start else self.recorder.start()
-
-    def close(self):
-        self.env.close()
-
-
-def make_envs(args: Args, num_envs: int, record: bool = False):
-    return (GPUEnvs if args.sim_backend == "gpu" else CPUEnvs)(args, num_envs, record)
-
-
-def check_env_id(env_id: str):
-    import mani_skill.envs  # noqa: F401
-
-    if env_id not in gym.registry:
-        close = difflib.get_close_matches(env_id, list(gym.registry), n=3)
-        fail(f"unknown env id {env_id!r}" + (f"; did you mean {', '.join(close)}?" if close else
-                                            "; see ManiSkill's task list"))
-
-
 # ======================================================================================================
 # Networks and the SAC update (JAX / Flax)
 # ======================================================================================================
-import jax  # noqa: E402 - after Args so that `--help` stays fast
-import jax.numpy as jnp  # noqa: E402
-import flax.linen as nn  # noqa: E402
-import optax  # noqa: E402
-from flax import struct  # noqa: E402
-from flax.training.train_state import TrainState  # noqa: E402
-
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
 ACTOR_METRICS = ("losses/actor_loss", "losses/alpha_loss", "losses/entropy")
 
@@ -376,6 +211,20 @@ def init_sac(args: Args, obs_dim: int, act_dim: int, key):
         temp=TrainState.create(apply_fn=None, params={"log_alpha": jnp.log(args.init_temperature)}, tx=tx()),
     )
     return actor, critic, state
+
+
+def networks(s: SACState) -> dict:
+    """The learner's weights as a checkpoint stores them (common.NETWORK_FIELDS)."""
+    return {"actor_params": s.actor.params, "critic_params": s.critic.params, "target_params": s.target_params,
+            "log_alpha": s.temp.params["log_alpha"]}
+
+
+def with_networks(s: SACState, ckpt: dict) -> SACState:
+    """s with a checkpoint's weights and temperature (--checkpoint); the optimizer states start afresh."""
+    return s.replace(actor=s.actor.replace(params=ckpt["actor_params"]),
+                     critic=s.critic.replace(params=ckpt["critic_params"]),
+                     target_params=jax.tree_util.tree_map(jnp.array, ckpt["target_params"]),
+                     temp=s.temp.replace(params={"log_alpha": jnp.asarray(ckpt["log_alpha"])}))
 
 
 def random_subset_min(q, key, num_min_qs: int):
@@ -467,6 +316,12 @@ def make_update(args: Args, actor: Actor, critic: nn.Module, act_dim: int):
     return sample_batch, update_one, update_many
 
 
+def update_metrics(info: dict) -> dict:
+    """What to log of one update_many call: the actor metrics only if the call ran an actor step."""
+    return {k: float(v) for k, v in info.items()
+            if k != "actor_steps" and (info["actor_steps"] or k not in ACTOR_METRICS)}
+
+
 # ======================================================================================================
 # Replay buffers (JAX arrays, so minibatches are sampled inside the jitted update)
 # ======================================================================================================
@@ -508,148 +363,25 @@ def demo_buffer(demos, masks) -> ReplayBuffer:
 
 
 # ======================================================================================================
-# Checkpoints
+# The training loop
 # ======================================================================================================
-def save_checkpoint(path: Path, s: SACState, args: Args, obs_dim: int, act_dim: int, global_step: int,
-                    extra: Optional[dict] = None) -> None:
-    """One self-describing file, written atomically (tmp file + rename)."""
-    from flax import serialization
-
-    payload = {
-        "algorithm": ALGORITHM, "env_id": args.env_id, "obs_mode": args.obs_mode, "control_mode": args.control_mode,
-        "obs_dim": obs_dim, "act_dim": act_dim, "hidden_dims": list(args.hidden_dims), "num_qs": args.num_qs,
-        "global_step": global_step, "args": json.dumps(dataclasses.asdict(args)),
-        "actor_params": jax.device_get(s.actor.params), "critic_params": jax.device_get(s.critic.params),
-        "target_params": jax.device_get(s.target_params),
-        "log_alpha": np.asarray(jax.device_get(s.temp.params["log_alpha"])),
-        "extra": json.dumps(extra or {}, default=lambda o: np.asarray(o).tolist()),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(serialization.msgpack_serialize(payload))
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str, args: Optional[Args] = None) -> dict:
-    """Read and check a checkpoint; mismatches with `args` are one-line errors."""
-    from flax import serialization
-
-    p = Path(path)
-    if not p.is_file():
-        fail(f"checkpoint {p} not found; pass --checkpoint runs/<run>/checkpoints/<file>.ckpt")
-    try:
-        ckpt = serialization.msgpack_restore(p.read_bytes())
-        ckpt["algorithm"], ckpt["actor_params"]  # noqa: B018 - presence check
-    except Exception:  # noqa: BLE001
-        fail(f"{p} is not a readable rfcl/rlpd checkpoint (corrupted or another format)")
-    if ckpt["algorithm"] != ALGORITHM:
-        fail(f"{p} is a {ckpt['algorithm']} checkpoint, not {ALGORITHM}; use {ckpt['algorithm']}.py or collect_demos.py")
-    if args is not None:
-        for k in ("env_id", "control_mode", "obs_mode"):
-            if ckpt[k] != getattr(args, k):
-                fail(f"{p} was trained with --{k.replace('_', '-')} {ckpt[k]}, not {getattr(args, k)}; pass the same")
-    return ckpt
-
-
-# ======================================================================================================
-# Evaluation
-# ======================================================================================================
-def evaluate(envs, act_fn, args: Args, num_episodes: int, video_path: Optional[str] = None) -> dict:
-    """Deterministic policy, fixed-length episodes from eval seeds 10**6 + k (unused by demos and training)."""
-    n = envs.num_envs
-    rounds = -(-num_episodes // n)
-    once, at_end, returns = [], [], []
-    for r in range(rounds):
-        seeds = 10**6 + r * n + np.arange(n)
-        obs = envs.reset(np.ones(n, bool), seeds)
-        if video_path and r == 0:
-            envs.video(start=True)
-        ret, got = np.zeros(n), np.zeros(n, bool)
-        for _ in range(args.max_episode_steps):
-            obs, _, success = envs.step(act_fn(obs))
-            ret += success
-            got |= success
-        if video_path and r == 0:
-            envs.video(save_path=video_path)
-        once.append(got), at_end.append(success), returns.append(ret)
-    return {"eval/success_once": float(np.mean(once)), "eval/success_at_end": float(np.mean(at_end)),
-            "eval/return": float(np.mean(returns)), "eval/episodes": rounds * n}
-
-
-# ======================================================================================================
-# Main loop
-# ======================================================================================================
-def run_dir_for(args: Args) -> Path:
-    """runs/<exp-name>, refused if it exists; created by make_run_dir once the inputs are validated, so a
-    rejected command leaves nothing behind that would block its corrected rerun."""
-    if args.exp_name is None:
-        args.exp_name = f"{args.env_id}__{ALGORITHM}{'_eval' if args.evaluate else ''}__{args.seed}__{int(time.time())}"
-    run_dir = Path("runs") / args.exp_name
-    if run_dir.exists():
-        fail(f"run directory {run_dir} already exists; pass another --exp-name (nothing was overwritten)")
-    return run_dir
-
-
-def make_run_dir(run_dir: Path, args: Args) -> Path:
-    (run_dir / "checkpoints").mkdir(parents=True)
-    (run_dir / "videos").mkdir()
-    (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
-    return run_dir
-
-
 def main(args: Args) -> None:
-    import common
-    from torch.utils.tensorboard import SummaryWriter
-    from tqdm import tqdm
-
     warnings.filterwarnings("ignore", module="mani_skill")
-    check_env_id(args.env_id)
-    if args.batch_size % 2:
-        fail("--batch-size must be even (half online, half offline)")
-    if not 1 <= args.num_min_qs <= args.num_qs:
-        fail(f"--num-min-qs must be in 1..--num-qs ({args.num_qs}), got {args.num_min_qs}")
-    if args.evaluate and not args.checkpoint:
-        fail("--evaluate needs --checkpoint PATH")
-    ckpt = load_checkpoint(args.checkpoint, args) if args.checkpoint else None
-    if args.sim_backend == "gpu":
-        import torch
-
-        if not torch.cuda.is_available():
-            fail("GPU simulation needs CUDA; use --sim-backend cpu")
-
-    run_dir = run_dir_for(args)
+    ckpt, run_dir = common.check_inputs(args, ALGORITHM)  # nothing is built or written before this
+    if args.evaluate:
+        actor = Actor(int(ckpt["act_dim"]), tuple(ckpt["hidden_dims"]))
+        common.evaluate_checkpoint(args, ckpt, run_dir, jax.jit(partial(deterministic_action, actor,
+                                                                         ckpt["actor_params"])))
+        return
     rng = np.random.default_rng(args.seed)
     key = jax.random.PRNGKey(args.seed)
 
-    # ---- eval-only ----------------------------------------------------------------------------------
-    if args.evaluate:
-        eval_envs = make_envs(args, args.num_eval_envs, record=args.capture_video)
-        actor = Actor(eval_envs.act_dim, tuple(ckpt["hidden_dims"]))
-        if eval_envs.obs_dim != int(ckpt["obs_dim"]) or eval_envs.act_dim != int(ckpt["act_dim"]):
-            fail(f"{args.checkpoint} expects obs/action dims {ckpt['obs_dim']}/{ckpt['act_dim']}, the env has "
-                 f"{eval_envs.obs_dim}/{eval_envs.act_dim}")
-        make_run_dir(run_dir, args)
-        act = jax.jit(partial(deterministic_action, actor, ckpt["actor_params"]))
-        video = str(run_dir / "videos" / "eval.mp4") if args.capture_video else None
-        metrics = evaluate(eval_envs, lambda o: np.asarray(act(jnp.asarray(o))), args, args.num_eval_episodes, video)
-        eval_envs.close()
-        (run_dir / "eval.json").write_text(json.dumps(metrics, indent=2))
-        print(json.dumps(metrics))
-        return
-
-    # ---- demos, envs, networks ------------------------------------------------------------------------
-    try:
-        path = common.get_demos(args.env_id, args.obs_mode, args.control_mode, args.num_demos, args.dataset_path)
-        demos = common.load_demos(path, args.num_demos, args.env_id, args.obs_mode, args.control_mode)
-    except common.DemoError as e:
-        fail(str(e))
-    envs = make_envs(args, args.num_envs)
-    eval_envs = make_envs(args, args.num_eval_envs, record=args.capture_video)
-    obs_dim, act_dim = envs.obs_dim, envs.act_dim
-    if demos.obs.shape[1] != obs_dim or demos.actions.shape[1] != act_dim:
-        fail(f"{path} has obs/action dims {demos.obs.shape[1]}/{demos.actions.shape[1]} but {args.env_id} with "
-             f"{args.control_mode} has {obs_dim}/{act_dim}; pass demos recorded for this env and control mode")
-    make_run_dir(run_dir, args)
+    # ---- demos, envs, networks, buffers ---------------------------------------------------------------
+    demos, path = common.get_and_load_demos(args, env_states=False)  # observations, actions, success only
+    envs = common.make_envs(args, args.num_envs)
+    eval_envs = common.make_envs(args, args.num_eval_envs, record=args.capture_video)
+    obs_dim, act_dim = common.check_dims(args, envs, demos, path, ckpt)
+    common.make_run_dir(run_dir, args)
     print(f"run directory: {run_dir}", flush=True)
     print(f"{demos.num_trajectories} demos from {path} ({int(sum(e.get('success', True) for e in demos.episodes))} "
           f"successful, {len(demos.rewards)} transitions)", flush=True)
@@ -657,141 +389,80 @@ def main(args: Args) -> None:
     key, k_init = jax.random.split(key)
     actor, critic, state = init_sac(args, obs_dim, act_dim, k_init)
     if ckpt is not None:
-        if int(ckpt["obs_dim"]) != obs_dim or int(ckpt["act_dim"]) != act_dim or int(ckpt["num_qs"]) != args.num_qs:
-            fail(f"{args.checkpoint} has obs/act dims {ckpt['obs_dim']}/{ckpt['act_dim']} and {ckpt['num_qs']} critics; "
-                 f"this run has {obs_dim}/{act_dim} and --num-qs {args.num_qs}")
-        state = state.replace(actor=state.actor.replace(params=ckpt["actor_params"]),
-                              critic=state.critic.replace(params=ckpt["critic_params"]),
-                              target_params=jax.tree_util.tree_map(jnp.array, ckpt["target_params"]),
-                              temp=state.temp.replace(params={"log_alpha": jnp.asarray(ckpt["log_alpha"])}))
+        state = with_networks(state, ckpt)
     _, _, update_many = make_update(args, actor, critic, act_dim)
     policy_sample = jax.jit(partial(sample_action, actor))
     policy_det = jax.jit(partial(deterministic_action, actor))
-
     offline = demo_buffer(demos, bootstrap_masks(demos.terminated, args.bootstrap_at_done))
     online = ReplayBuffer(args.buffer_size, obs_dim, act_dim)
-
-    writer = SummaryWriter(str(run_dir))
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
-        f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items()))
-    if args.track:
-        import wandb
-
-        wandb.init(project=args.wandb_project_name, name=args.exp_name, config=dataclasses.asdict(args),
-                   sync_tensorboard=True, save_code=True)
+    writer = common.open_writer(run_dir, args)
 
     n = args.num_envs
-    ep_len = np.zeros(n, int)
-    ep_ret = np.zeros(n)
+    ep_len, ep_ret, ep_once = np.zeros(n, int), np.zeros(n), np.zeros(n, bool)
 
     def start_episodes(mask):
         # training seeds are drawn from [10**4, 10**6): disjoint from demo seeds (0..) and eval seeds (10**6..)
         seeds = rng.integers(10_000, 10**6, size=n)
-        ep_len[mask], ep_ret[mask] = 0, 0.0
+        ep_len[mask], ep_ret[mask], ep_once[mask] = 0, 0.0, False
         return envs.reset(mask, seeds)
 
     obs = start_episodes(np.ones(n, bool))
-    global_step, last_log, last_eval, last_save = 0, 0, 0, 0
-    last_success = float("nan")
-    t_sim = t_update = t_eval = 0.0
-    grad_updates = 0
-    t_start = time.time()
-    info, finished_returns, finished_success = {}, [], []
-    pbar = tqdm(total=args.total_timesteps, unit="step", dynamic_ncols=True, smoothing=0.05)
-
-    def do_eval():
-        video = str(run_dir / "videos" / f"eval_{global_step:08d}.mp4") if args.capture_video else None
-        act = partial(policy_det, state.actor.params)
-        return evaluate(eval_envs, lambda o: np.asarray(act(jnp.asarray(o))), args, args.num_eval_episodes, video)
-
+    global_step, grad_updates, info = 0, 0, {}
+    run = common.RunLog(args, run_dir, writer)
     while global_step < args.total_timesteps:
-        # ---- collect num_envs * steps_per_env transitions ---------------------------------------------
-        t0 = time.time()
-        for _ in range(args.steps_per_env):
-            if global_step < args.num_seed_steps:
-                actions = rng.uniform(-1, 1, (n, act_dim)).astype(np.float32)
-            else:
-                key, k = jax.random.split(key)
-                actions = policy_sample(state.actor.params, jnp.asarray(obs), k)[0]
-            next_obs, terminated, success = envs.step(actions)
-            ep_len += 1
-            ep_ret += success
-            ended = ep_len >= args.max_episode_steps
-            if args.bootstrap_at_done == "truncated":
-                ended |= terminated
-            # next_obs is the true final observation at a time limit: resets come after storing
-            online.add({"obs": obs, "actions": actions, "rewards": success.astype(np.float32),
-                        "next_obs": next_obs, "masks": bootstrap_masks(terminated, args.bootstrap_at_done)})
-            obs = next_obs
-            global_step += n
-            if ended.any():
-                finished_returns.extend(ep_ret[ended].tolist())
-                finished_success.extend(success[ended].tolist())
-                obs = start_episodes(ended)
-        t_sim += time.time() - t0
+        # ---- collect num_envs * steps_per_env transitions: uniform random actions for --num-seed-steps ----------
+        with run.timed("simulation"):
+            for _ in range(args.steps_per_env):
+                if global_step < args.num_seed_steps:
+                    actions = rng.uniform(-1, 1, (n, act_dim)).astype(np.float32)
+                else:
+                    key, k = jax.random.split(key)
+                    actions = policy_sample(state.actor.params, jnp.asarray(obs), k)[0]
+                next_obs, terminated, success = envs.step(actions)
+                ep_len += 1
+                ep_ret += success
+                ep_once |= success
+                ended = ep_len >= args.max_episode_steps
+                if args.bootstrap_at_done == "truncated":
+                    ended |= terminated
+                # next_obs is the true final observation at a time limit: resets come after storing
+                online.add({"obs": obs, "actions": actions, "rewards": success.astype(np.float32),
+                            "next_obs": next_obs, "masks": bootstrap_masks(terminated, args.bootstrap_at_done)})
+                obs = next_obs
+                global_step += n
+                if ended.any():
+                    for j in np.flatnonzero(ended):
+                        run.episode_ended(ep_ret[j], success[j], ep_once[j])
+                    obs = start_episodes(ended)
 
-        # ---- learn --------------------------------------------------------------------------------------
-        learning = global_step >= args.num_seed_steps and online.size >= args.batch_size // 2
+        # ---- learn: once the online buffer holds --num-seed-steps transitions -----------------------------
+        learning = online.size >= max(args.num_seed_steps, 1)
         if learning:
-            t0 = time.time()
-            key, k = jax.random.split(key)
-            state, info = update_many(state, online.data, online.size, offline.data, offline.size, k,
-                                      args.grad_updates_per_step)
-            grad_updates += args.grad_updates_per_step
-            # JAX dispatches asynchronously: without this wait the update's time would be charged to the next
-            # policy call (simulation). The next env step needs the new actor anyway, so nothing is lost.
-            jax.block_until_ready(state.actor.params)
-            if global_step - last_log >= args.log_freq:
-                info = jax.device_get(info)
-            t_update += time.time() - t0
+            with run.timed("update"):
+                key, k = jax.random.split(key)
+                state, info = update_many(state, online.data, online.size, offline.data, offline.size, k,
+                                          args.grad_updates_per_step)
+                grad_updates += args.grad_updates_per_step
+                # JAX dispatches asynchronously: without this wait the update's time would be charged to the
+                # next policy call (simulation). The next env step needs the new actor anyway.
+                jax.block_until_ready(state.actor.params)
 
         # ---- log, evaluate, save --------------------------------------------------------------------------
-        pbar.update(global_step - pbar.n)
-        if global_step - last_log >= args.log_freq:
-            last_log = global_step
-            elapsed = time.time() - t_start
-            sps = global_step / elapsed
-            scalars = {"charts/SPS": sps, "time/simulation_frac": t_sim / elapsed,
-                       "time/update_frac": t_update / elapsed, "time/eval_frac": t_eval / elapsed,
-                       "time/other_frac": 1 - (t_sim + t_update + t_eval) / elapsed}
-            if learning:
-                # actor metrics only from update calls that ran an actor step (see --actor-update-freq)
-                scalars.update({k: float(v) for k, v in info.items()
-                                if k != "actor_steps" and (info["actor_steps"] or k not in ACTOR_METRICS)})
-            if finished_returns:
-                scalars["charts/episodic_return"] = float(np.mean(finished_returns))
-                scalars["charts/success_at_end"] = float(np.mean(finished_success))
-                finished_returns, finished_success = [], []
-            for k, v in scalars.items():
-                writer.add_scalar(k, v, global_step)
-            pbar.set_postfix(SPS=f"{sps:.0f}", eval=f"{last_success:.2f}")
-        if global_step - last_eval >= args.eval_freq or global_step >= args.total_timesteps:
-            last_eval = global_step
-            t0 = time.time()
-            metrics = do_eval()
-            t_eval += time.time() - t0
-            last_success = metrics["eval/success_at_end"]
-            for k, v in metrics.items():
-                writer.add_scalar(k, v, global_step)
-            tqdm.write(f"step {global_step}: eval success_at_end {last_success:.3f} success_once "
-                       f"{metrics['eval/success_once']:.3f} ({metrics['eval/episodes']} episodes)")
-        if global_step - last_save >= args.save_freq:
-            last_save = global_step
-            save_checkpoint(run_dir / "checkpoints" / f"step_{global_step:08d}.ckpt", state, args, obs_dim, act_dim,
-                            global_step)
-    pbar.close()
-    save_checkpoint(run_dir / "checkpoints" / "final.ckpt", state, args, obs_dim, act_dim, global_step)
-    summary = {"global_step": global_step, "eval_success_at_end": last_success, "grad_updates": grad_updates,
-               "wall_clock_s": time.time() - t_start,
-               "time_simulation_s": t_sim, "time_update_s": t_update, "time_eval_s": t_eval}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps(summary))
-    writer.close()
+        run.pbar.update(global_step - run.pbar.n)
+        if run.due("log", global_step):
+            run.log(global_step, update_metrics(jax.device_get(info)) if learning else {})
+        if run.due("eval", global_step):
+            run.evaluate(eval_envs, partial(policy_det, state.actor.params), global_step)
+        if run.due("save", global_step):
+            common.save_checkpoint(run_dir / "checkpoints" / f"step_{global_step:08d}.ckpt", ALGORITHM, args,
+                                   obs_dim, act_dim, networks(state), global_step)
+    common.save_checkpoint(run_dir / "checkpoints" / "final.ckpt", ALGORITHM, args, obs_dim, act_dim,
+                           networks(state), global_step)
+    run.finish(global_step, grad_updates=grad_updates)
     envs.close()
     eval_envs.close()
-
 
 if __name__ == "__main__":
     # a plain `kill` becomes a normal exit, so the simulator worker processes are reaped, not orphaned
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    main(parse_args())
+    main(common.parse_args(Args, PRESETS, __doc__))

@@ -54,17 +54,14 @@ def probe(a: Args) -> dict:
     import common
     import rfcl
 
-    ckpt = rfcl.load_checkpoint(a.checkpoint)
+    ckpt = common.load_checkpoint(a.checkpoint, "rfcl")
     args_dict = json.loads(ckpt["args"])
     targs = rfcl.Args(**args_dict)
     num_demos = a.num_demos or targs.num_demos
-    try:
-        path = a.dataset_path or common.get_demos(targs.env_id, targs.obs_mode, targs.control_mode, num_demos)
-        demos = common.load_demos(path, num_demos, targs.env_id, targs.obs_mode, targs.control_mode)
-    except common.DemoError as e:
-        rfcl.fail(str(e))
+    targs.num_demos, targs.dataset_path = num_demos, a.dataset_path or targs.dataset_path
+    demos, path = common.get_and_load_demos(targs, env_states=True)
     # the env and the time limit of rfcl.py's stage 1 itself, so the probe resets and times out exactly as training
-    env = rfcl.CPUWorkerEnv(args_dict, 0, demos.env_states, demos.traj_obs, demos.episodes, record=False)
+    env = common.CPUWorkerEnv(targs.env_id, common.env_kwargs(targs, 1, "physx_cpu", render=False), 0, demos)
     reverse = rfcl.ReverseCurriculum(demos.lengths, targs.reverse_step_size, targs.per_demo_buffer_size,
                                      targs.demo_horizon_to_max_steps_ratio, targs.reverse_solved_frac,
                                      np.random.default_rng(0))

@@ -5,7 +5,9 @@
     python benchmarks/learning.py --compare "rfcl=runs/a" "rlpd=runs/b" --name pickcube   # configs in one figure
 
 Writes <out>/<name>.png (eval success_at_end vs env steps and vs wall-clock, mean and min-max over seeds),
-<out>/<name>.json and <out>/<name>.md (env steps and wall-clock to first reach 0.5 and 0.9, final success, SPS).
+<out>/<name>.md (env steps and wall-clock to first reach 0.5 and 0.9 of both eval/success_at_end and
+eval/success_once, final values, SPS) and <out>/<name>.json (the same, plus every run's eval curves, so the
+figures can be redrawn without the runs).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 THRESHOLDS = (0.5, 0.9)
 TAG = "eval/success_at_end"
+ONCE = "eval/success_once"  # ManiSkill's learning-from-demos baselines report this one
 
 
 @dataclass
@@ -63,9 +66,12 @@ def read_run(run_dir, tag: str = TAG) -> dict:
     events = acc.Scalars(tag)
     t0 = min(e.wall_time for t in tags for e in acc.Scalars(t)[:1])
     sps = [e.value for e in acc.Scalars("charts/SPS")] if "charts/SPS" in tags else []
-    return {"run": str(run_dir), "steps": np.array([e.step for e in events]),
-            "success": np.array([e.value for e in events]),
-            "wall_s": np.array([e.wall_time - t0 for e in events]), "sps": float(sps[-1]) if sps else float("nan")}
+    curve = {"run": str(run_dir), "steps": np.array([e.step for e in events]),
+             "success": np.array([e.value for e in events]),
+             "wall_s": np.array([e.wall_time - t0 for e in events]), "sps": float(sps[-1]) if sps else float("nan")}
+    if tag == TAG and ONCE in tags:  # logged at the same steps as success_at_end
+        curve["once"] = np.array([e.value for e in acc.Scalars(ONCE)])
+    return curve
 
 
 def first_reach(steps, values, wall_s, threshold: float):
@@ -84,20 +90,37 @@ def summarise(curves: list[dict]) -> dict:
                "wall_clock_s": float(c["wall_s"][-1]), "sps": c["sps"]}
         for th in THRESHOLDS:
             row[f"steps_to_{th}"], row[f"wall_s_to_{th}"] = first_reach(c["steps"], c["success"], c["wall_s"], th)
+        if "once" in c:
+            row["final_success_once"] = float(c["once"][-1])
+            for th in THRESHOLDS:
+                row[f"once_steps_to_{th}"], row[f"once_wall_s_to_{th}"] = first_reach(c["steps"], c["once"],
+                                                                                    c["wall_s"], th)
         rows.append(row)
     return {"runs": rows, "mean_final_success": float(np.mean([r["final_success"] for r in rows])),
             "seeds_reaching_0.9": sum(r["steps_to_0.9"] is not None for r in rows), "num_runs": len(rows)}
 
 
 def markdown(summary: dict, label: str) -> str:
+    """Steps to 0.5 / 0.9 and the final value of success_at_end (and of success_once, where the runs logged it)."""
     fmt = lambda v, f="{:,}": "not reached" if v is None else f.format(v)  # noqa: E731
-    lines = [f"### {label}", "", "| run | steps to 0.5 | steps to 0.9 | wall-clock to 0.9 | final success | env steps/s |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    once = all("final_success_once" in r for r in summary["runs"])
+    head = "| run | steps to 0.5 | steps to 0.9 | wall-clock to 0.9 | final success |"
+    if once:
+        head += " success_once: steps to 0.5 | to 0.9 | final |"
+    lines = [f"### {label}", "", "success_at_end unless marked success_once", "", head + " env steps/s |",
+             "|" + " --- |" * head.count("|")]
     for r in summary["runs"]:
-        lines.append(f"| {Path(r['run']).name} | {fmt(r['steps_to_0.5'])} | {fmt(r['steps_to_0.9'])} | "
-                     f"{fmt(r['wall_s_to_0.9'], '{:.0f} s')} | {r['final_success']:.2f} at {r['final_step']:,} | "
-                     f"{r['sps']:.0f} |")
+        line = (f"| {Path(r['run']).name} | {fmt(r['steps_to_0.5'])} | {fmt(r['steps_to_0.9'])} | "
+                f"{fmt(r['wall_s_to_0.9'], '{:.0f} s')} | {r['final_success']:.2f} at {r['final_step']:,} |")
+        if once:
+            line += (f" {fmt(r['once_steps_to_0.5'])} | {fmt(r['once_steps_to_0.9'])} | "
+                     f"{r['final_success_once']:.2f} |")
+        lines.append(line + f" {r['sps']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def curves_json(curves: list[dict]) -> list[dict]:
+    return [{k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in c.items()} for c in curves]
 
 
 # ---- plotting --------------------------------------------------------------------------------------------
@@ -158,7 +181,9 @@ def main(args: Args) -> None:
             md = "\n\n".join(markdown(summarise(curves), label) for label, curves in groups.items())
             (out / f"{name}.md").write_text(md + "\n")
             print(md)
-        print(f"wrote {out / name}.png" + (" and .md" if args.tag == TAG else ""))
+        (out / f"{name}.json").write_text(json.dumps({label: {"tag": args.tag, "curves": curves_json(curves)}
+                                                      for label, curves in groups.items()}, indent=1))
+        print(f"wrote {out / name}.png/.json" + ("/.md" if args.tag == TAG else ""))
         return
     label = args.label or args.algo
     name = args.name or f"{args.algo}_{args.env_id}"
@@ -176,7 +201,7 @@ def main(args: Args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plot({label: curves}, out / f"{name}.png")
-    (out / f"{name}.json").write_text(json.dumps({"label": label, **summary}, indent=2))
+    (out / f"{name}.json").write_text(json.dumps({"label": label, **summary, "curves": curves_json(curves)}, indent=1))
     (out / f"{name}.md").write_text(markdown(summary, label))
     print(markdown(summary, label))
     print(f"wrote {out / name}.png/.json/.md")

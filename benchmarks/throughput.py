@@ -153,9 +153,9 @@ def bench_ensemble(a: Args, obs_dim: int, act_dim: int) -> list[dict]:
 
 # ---- environments ---------------------------------------------------------------------------------------
 def env_steps_per_s(args, num_envs: int, steps: int, reset_every: int = 50) -> float:
-    import rfcl
+    import common
 
-    envs = rfcl.make_envs(args, num_envs)
+    envs = common.make_envs(args, num_envs)
     try:
         rng = np.random.default_rng(0)
         all_envs = np.ones(num_envs, bool)

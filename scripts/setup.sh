@@ -8,8 +8,35 @@ PYTHON="${PYTHON:-python3}"
 VENV="${VENV:-.venv}"
 STAMP="$VENV/.requirements.sha256"
 
+APT_DIR="${APT_DIR:-/etc/apt}"  # tests point it at a fake one
+
 say() { echo "[setup] $*"; }
 die() { echo "[setup] ERROR: $*" >&2; exit 1; }
+
+# The bookworm-backports source line, on the mirror this machine already uses for Debian 12 (the first source
+# serving suite "bookworm", in one-line .list or deb822 .sources format): a machine behind a proxy or with an
+# internal mirror may have no route to any other host.
+backports_line() {
+  local f uri=""
+  for f in "$APT_DIR/sources.list" "$APT_DIR"/sources.list.d/*.list; do
+    [[ -f "$f" && -z "$uri" ]] || continue
+    uri=$(awk '$1 == "deb" { i = 2; if ($i ~ /^\[/) { while ($i !~ /\]$/) i++; i++ }
+                             if ($(i + 1) == "bookworm") { print $i; exit } }' "$f")
+  done
+  for f in "$APT_DIR"/sources.list.d/*.sources; do
+    [[ -f "$f" && -z "$uri" ]] || continue
+    uri=$(awk 'BEGIN { RS = ""; FS = "\n" }
+               { u = ""; ok = 0; on = 1
+                 for (k = 1; k <= NF; k++) {
+                   if ($k ~ /^URIs:/) { split(substr($k, 6), a, " "); u = a[1] }
+                   if ($k ~ /^Suites:/ && (" " substr($k, 8) " ") ~ / bookworm /) ok = 1
+                   if ($k ~ /^Enabled: *no/) on = 0 }
+                 if (ok && on && u != "") { print u; exit } }' "$f")
+  done
+  [[ -n "$uri" ]] || die "no Debian bookworm source in $APT_DIR/sources.list or $APT_DIR/sources.list.d/; add your mirror's line, e.g. 'deb http://<your-debian-mirror>/debian bookworm-backports main', to $APT_DIR/sources.list.d/bookworm-backports.list and rerun"
+  echo "deb $uri bookworm-backports main"
+}
+[[ "${1:-}" == "--backports-line" ]] && { backports_line; exit 0; }
 
 # 1. Python environment -------------------------------------------------------------------------
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
@@ -40,9 +67,11 @@ say "no Vulkan device found ($out)"
 . /etc/os-release 2>/dev/null || true
 if [[ "$(id -u)" == 0 && "${ID:-}" == debian && "${VERSION_ID:-}" == 12 ]]; then
   say "installing Mesa lavapipe (mesa-vulkan-drivers) from bookworm-backports"
-  list=/etc/apt/sources.list.d/bookworm-backports.list
-  grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/ \
-    || echo "deb http://deb.debian.org/debian bookworm-backports main" > "$list"
+  if ! grep -rqs "bookworm-backports" "$APT_DIR/sources.list" "$APT_DIR/sources.list.d/"; then
+    line=$(backports_line)
+    say "adding '$line' to $APT_DIR/sources.list.d/bookworm-backports.list"
+    echo "$line" > "$APT_DIR/sources.list.d/bookworm-backports.list"
+  fi
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq -t bookworm-backports mesa-vulkan-drivers libvulkan1 >/dev/null

@@ -76,11 +76,12 @@ class FakeBatchedEnv:
         self.states[int(env_idx[0])] = state["x"].clone()
 
 
+def fake_gpu_envs(n):
+    """common.GPUEnvs around a FakeBatchedEnv, built without CUDA: (envs, fake)."""
+    import common
 
-def fake_gpu_envs(algo, n):
-    """algo.GPUEnvs around a FakeBatchedEnv, built without CUDA: (envs, fake)."""
     fake = FakeBatchedEnv(n)
-    g = algo.GPUEnvs.__new__(algo.GPUEnvs)
+    g = common.GPUEnvs.__new__(common.GPUEnvs)
     g.env = g.base = fake
     g.num_envs, g.device, g.seeds, g.obs = n, "cpu", np.zeros(n, np.int64), None
     return g, fake

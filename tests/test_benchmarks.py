@@ -1,5 +1,6 @@
 """benchmarks/learning.py: log parsing, time-to-threshold and plotting on synthetic runs (real tensorboard writer)."""
 
+import json
 import sys
 
 import numpy as np
@@ -11,13 +12,15 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import learning  # noqa: E402
 
 
-def write_run(path, successes, step=10_000, t0=1_000_000.0, seconds_per_eval=100.0, sps=None):
+def write_run(path, successes, step=10_000, t0=1_000_000.0, seconds_per_eval=100.0, sps=None, once=None):
     from torch.utils.tensorboard import SummaryWriter
 
     w = SummaryWriter(str(path))
     w.add_scalar("charts/SPS", 50.0, 0, walltime=t0)
     for i, s in enumerate(successes, 1):
         w.add_scalar("eval/success_at_end", s, i * step, walltime=t0 + i * seconds_per_eval)
+        if once is not None:
+            w.add_scalar("eval/success_once", once[i - 1], i * step, walltime=t0 + i * seconds_per_eval)
         w.add_scalar("charts/SPS", sps or 60.0 + i, i * step, walltime=t0 + i * seconds_per_eval)
     w.close()
     return path
@@ -41,8 +44,20 @@ def test_summary_and_table_count_seeds_that_reach_the_target(tmp_path):
     assert s["mean_final_success"] == pytest.approx(0.8)
     assert s["runs"][1]["steps_to_0.5"] == 30_000 and s["runs"][1]["steps_to_0.9"] is None
     md = learning.markdown(s, "rfcl")
-    assert "| a | 20,000 | 20,000 | 200 s | 1.00 at 30,000 |" in md
-    assert "| b | 30,000 | not reached | not reached | 0.60 at 30,000 |" in md
+    assert "| a | 20,000 | 20,000 | 200 s | 1.00 at 30,000 | 63 |" in md
+    assert "| b | 30,000 | not reached | not reached | 0.60 at 30,000 | 63 |" in md
+
+
+def test_both_success_metrics_are_tabulated_where_the_runs_logged_both(tmp_path):
+    curves = [learning.read_run(write_run(tmp_path / "a", [0.2, 0.6, 0.8], once=[0.5, 0.9, 1.0]))]
+    s = learning.summarise(curves)
+    r = s["runs"][0]
+    assert (r["steps_to_0.5"], r["steps_to_0.9"], r["once_steps_to_0.5"], r["once_steps_to_0.9"]) == \
+        (20_000, None, 10_000, 20_000)
+    assert r["final_success_once"] == 1.0
+    md = learning.markdown(s, "rfcl")
+    assert "success_once: steps to 0.5 | to 0.9 | final |" in md
+    assert "| a | 20,000 | not reached | not reached | 0.80 at 30,000 | 10,000 | 20,000 | 1.00 | 63 |" in md
 
 
 def test_a_run_without_evals_is_a_clear_error(tmp_path):
@@ -98,6 +113,8 @@ def test_compare_draws_configs_in_one_figure(tmp_path):
     learning.main(args)
     md = (tmp_path / "out" / "cmp.md").read_text()
     assert "### one" in md and "### two" in md and (tmp_path / "out" / "cmp.png").stat().st_size > 10_000
+    kept = json.loads((tmp_path / "out" / "cmp.json").read_text())
+    assert kept["two"]["curves"][0]["success"] == pytest.approx([0.0, 0.4]), "the curves survive the runs"
     with pytest.raises(SystemExit, match="LABEL=RUN"):
         learning.parse_compare(["no-equals-sign"])
 
@@ -114,7 +131,7 @@ def test_frontier_probe_replaying_a_demo_succeeds_exactly_where_the_demo_does(de
     args = rfcl.Args(num_demos=1)
     _, _, state = rfcl.init_sac(args, 42, 8, jax.random.PRNGKey(0))
     ckpt = tmp_path / "fresh.ckpt"
-    rfcl.save_checkpoint(ckpt, state, args, 42, 8, 0)
+    common.save_checkpoint(ckpt, "rfcl", args, 42, 8, rfcl.networks(state), 0)
     out = frontier.main(frontier.Args(str(ckpt), dataset_path=str(demo_path), every=3, demo_actions=True,
                                       out=str(tmp_path / "probe")))
     demos = common.load_demos(demo_path, 1)

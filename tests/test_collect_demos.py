@@ -21,7 +21,7 @@ def checkpoint(tmp_path_factory):
     args = rfcl.Args(max_episode_steps=12)
     _, _, state = rfcl.init_sac(args, 42, 8, jax.random.PRNGKey(0))
     path = d / "fresh.ckpt"
-    rfcl.save_checkpoint(path, state, args, 42, 8, 0)
+    common.save_checkpoint(path, "rfcl", args, 42, 8, rfcl.networks(state), 0)
     return path
 
 

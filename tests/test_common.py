@@ -143,3 +143,56 @@ def test_setup_script_leaves_a_working_vulkan_system_alone(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "vulkan-ok" in proc.stdout and "system left untouched" in proc.stdout
     assert not log.exists(), log.read_text()
+
+
+def test_setup_takes_the_backports_mirror_from_the_systems_own_debian_sources(tmp_path):
+    """bookworm-backports goes on the mirror the machine already uses (one-line or deb822 sources); with no
+    bookworm source at all, setup stops with one line saying what to add."""
+    (tmp_path / "sources.list.d").mkdir()
+
+    def line():
+        return subprocess.run(["bash", "scripts/setup.sh", "--backports-line"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=60, env=dict(os.environ, APT_DIR=str(tmp_path)))
+
+    proc = line()
+    assert proc.returncode != 0 and proc.stdout == ""
+    assert proc.stderr.strip().count("\n") == 0 and "bookworm-backports main" in proc.stderr
+    (tmp_path / "sources.list.d" / "debian.sources").write_text(
+        "Types: deb\nURIs: http://elsewhere/debian\nSuites: bookworm-updates\n\n"
+        "Types: deb\n# a comment\nURIs: https://mirror.internal/debian http://second\nSuites: bookworm bookworm-updates\n"
+        "Components: main\n")
+    assert line().stdout == "deb https://mirror.internal/debian bookworm-backports main\n"
+    (tmp_path / "sources.list").write_text(
+        "# deb http://old/debian bookworm main\ndeb http://sec/debian-security bookworm-security main\n"
+        "deb [arch=amd64 signed-by=/k.gpg] http://proxy:3142/debian bookworm main contrib\n")
+    assert line().stdout == "deb http://proxy:3142/debian bookworm-backports main\n", "sources.list is read first"
+
+
+def test_gpu_simulation_set_up_traps_are_one_line_errors(monkeypatch):
+    """Without CUDA torch, without a CUDA jax, or without SAPIEN's PhysX GPU library (downloaded from GitHub on
+    first use), --sim-backend gpu stops before anything is built, saying what to do."""
+    import jax
+    import sapien
+    import torch
+
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", "x")  # restored after the test
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE")
+    with pytest.raises(SystemExit, match="^error: GPU simulation needs CUDA; use --sim-backend cpu$"):
+        common.check_gpu_simulation()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(SystemExit, match=r"needs a CUDA build of jax \(pip install"):
+        common.check_gpu_simulation()
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+
+    def no_download():
+        raise ConnectionError("no route to github.com")
+
+    monkeypatch.setattr(sapien.physx, "enable_gpu", no_download)
+    with pytest.raises(SystemExit) as e:
+        common.check_gpu_simulation()
+    msg = str(e.value)
+    assert msg.count("\n") == 0 and "(ConnectionError)" in msg and "libPhysXGpu_64.so" in msg
+    assert str(Path.home() / ".sapien" / "physx" / sapien.physx.version()) in msg
+    monkeypatch.setattr(sapien.physx, "enable_gpu", lambda: None)
+    common.check_gpu_simulation()  # all there: no error
+    assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false", "JAX must not take 75% of the GPU"

@@ -64,7 +64,8 @@ def test_an_existing_run_directory_is_never_overwritten(tiny_run):
 def test_bad_input_errors_are_one_line(tiny_run, demo_path, tmp_path):
     cwd, run_dir, _ = tiny_run
     cases = [
-        (["--env-id", "PickCub-v1"], "error: unknown env id 'PickCub-v1'; did you mean PickCube-v1"),
+        (["--env-id", "PickCub-v1"], "error: unknown env id 'PickCub-v1': Environment `PickCub` doesn't exist. "
+                                     "Did you mean: `PickCube`?"),
         (["--dataset-path", str(demo_path), "--num-demos", "500"], "error: --num-demos 500 but"),
         (["--dataset-path", str(tmp_path / "missing.h5")], "error: demo file"),
         (["--evaluate", "--checkpoint", str(tmp_path / "none.ckpt")], "error: checkpoint"),
@@ -88,8 +89,7 @@ def test_reset_to_a_demo_state_gives_the_demo_observation(demo_path):
     import rfcl
 
     demos = common.load_demos(demo_path, 2)
-    env = rfcl.CPUWorkerEnv(vars(rfcl.Args()) | {"hidden_dims": [256] * 3}, 1, demos.env_states, demos.traj_obs,
-                            demos.episodes, record=False)
+    env = common.CPUWorkerEnv("PickCube-v1", common.env_kwargs(rfcl.Args(), 1, "physx_cpu", render=False), 1, demos)
     try:
         for i in range(2):
             for t in (0, 10, len(demos.traj_obs[i]) - 1):
@@ -112,7 +112,7 @@ def test_stage_switch_saves_stage1_and_the_policy_seeds_before_updates_resume(de
     """A negative --reverse-solved-frac ends stage 1 at the first finished episode. The switch writes
     checkpoints/stage1.ckpt and empties the online buffer; updates pause until the policy has collected
     --num-seed-steps more env steps, as in the published stage 2."""
-    import rfcl
+    import common
 
     seed_steps, envs, per_env, updates = 16, 2, 4, 4
     proc = run_script([str(ROOT / "rfcl.py"), "--exp-name", "s2", "--num-demos", "2", "--total-timesteps", "160",
@@ -126,9 +126,9 @@ def test_stage_switch_saves_stage1_and_the_policy_seeds_before_updates_resume(de
     s = summary["stage1_end_step"]
     assert summary["stage"] == 2 and 0 < s < 160, summary
     assert "stage 1 done at" in proc.stdout + proc.stderr
-    stage1 = rfcl.load_checkpoint(str(run_dir / "checkpoints" / "stage1.ckpt"))
+    stage1 = common.load_checkpoint(str(run_dir / "checkpoints" / "stage1.ckpt"), "rfcl")
     assert stage1["global_step"] == s and json.loads(stage1["extra"])["stage"] == 1
-    assert json.loads(rfcl.load_checkpoint(str(run_dir / "checkpoints" / "final.ckpt"))["extra"])["stage"] == 2
+    assert json.loads(common.load_checkpoint(str(run_dir / "checkpoints" / "final.ckpt"), "rfcl")["extra"])["stage"] == 2
     stages = read_scalars(run_dir)["curriculum/stage"]
     assert {v for step, v in stages if step < s} == {1} and {v for step, v in stages if step > s} == {2}
     # one update call of `updates` steps at the end of every iteration (every envs * per_env env steps) once

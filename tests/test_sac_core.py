@@ -6,6 +6,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+import common
 import rfcl
 import rlpd
 from conftest import fake_gpu_envs
@@ -145,8 +146,8 @@ def test_ring_buffer_returns_what_was_stored_and_wraps(algo):
 def test_checkpoint_round_trip_and_wrong_algorithm(algo, tmp_path):
     args, actor, critic, state, *_ = small_setup(algo)
     path = tmp_path / "c.ckpt"
-    algo.save_checkpoint(path, state, args, 5, 2, 123, {"stage": 2})
-    ckpt = algo.load_checkpoint(str(path), args)
+    common.save_checkpoint(path, algo.ALGORITHM, args, 5, 2, algo.networks(state), 123, {"stage": 2})
+    ckpt = common.load_checkpoint(str(path), algo.ALGORITHM, args)
     assert ckpt["algorithm"] == algo.ALGORITHM and ckpt["global_step"] == 123 and ckpt["obs_dim"] == 5
     np.testing.assert_array_equal(ckpt["actor_params"]["Dense_0"]["kernel"], state.actor.params["Dense_0"]["kernel"])
     assert not list(tmp_path.glob(".*tmp")), "no temporary file left behind"
@@ -154,29 +155,28 @@ def test_checkpoint_round_trip_and_wrong_algorithm(algo, tmp_path):
     other = dict(ckpt, algorithm="rlpd" if algo is rfcl else "rfcl")
     (tmp_path / "o.ckpt").write_bytes(serialization.msgpack_serialize(other))
     with pytest.raises(SystemExit, match=f"is a {other['algorithm']} checkpoint, not {algo.ALGORITHM}"):
-        algo.load_checkpoint(str(tmp_path / "o.ckpt"))
+        common.load_checkpoint(str(tmp_path / "o.ckpt"), algo.ALGORITHM)
     (tmp_path / "bad.ckpt").write_bytes(b"\x00garbage")
     with pytest.raises(SystemExit, match="not a readable rfcl/rlpd checkpoint"):
-        algo.load_checkpoint(str(tmp_path / "bad.ckpt"))
+        common.load_checkpoint(str(tmp_path / "bad.ckpt"), algo.ALGORITHM)
     with pytest.raises(SystemExit, match="was trained with --env-id PickCube-v1, not StackCube-v1"):
-        algo.load_checkpoint(str(path), algo.Args(env_id="StackCube-v1"))
+        common.load_checkpoint(str(path), algo.ALGORITHM, algo.Args(env_id="StackCube-v1"))
 
 
 def test_rlpd_presets_set_defaults_and_flags_override_them():
-    a = rlpd.parse_args(["--preset", "sample-efficient", "--actor-update-freq", "16"])
+    a = common.parse_args(rlpd.Args, rlpd.PRESETS, "", ["--preset", "sample-efficient", "--actor-update-freq", "16"])
     assert (a.num_envs, a.steps_per_env, a.grad_updates_per_step, a.num_qs, a.num_min_qs) == (1, 1, 16, 10, 2)
     assert a.max_episode_steps == 100 and a.actor_update_freq == 16
-    b = rlpd.parse_args([])
+    b = common.parse_args(rlpd.Args, rlpd.PRESETS, "", [])
     assert (b.num_envs, b.steps_per_env, b.grad_updates_per_step, b.num_qs, b.num_seed_steps) == (8, 4, 16, 2, 5000)
 
 
 # ---- GPU env resets (logic only: a stand-in replaces the CUDA env) ----------------------------------------------
-@both
-def test_gpu_reset_gives_each_seeded_env_its_own_seed(algo):
+def test_gpu_reset_gives_each_seeded_env_its_own_seed():
     """ManiSkill draws every env of one reset call from the first env's seed, so GPUEnvs.reset resets each
     seeded env alone with its own seed (then seed s always gives the same initial state); envs outside the
     mask keep their observation."""
-    g, fake = fake_gpu_envs(algo, 3)
+    g, fake = fake_gpu_envs(3)
     obs = np.asarray(g.reset(np.ones(3, bool), np.array([7, 8, 9])))
     assert fake.calls == [(7, [0]), (8, [1]), (9, [2])]
     np.testing.assert_array_equal(obs, np.repeat([[7], [8], [9]], 3, axis=1))
