@@ -116,7 +116,7 @@ class Args:
     num_min_qs: int = 2
     """critics drawn (without replacement, anew each step) whose min forms the target"""
     actor_update_freq: int = 1
-    """actor and temperature step every this many critic steps"""
+    """actor and temperature step on every this-many-th critic step, counted over the whole run (not per update call)"""
     init_temperature: float = 0.01
     """initial entropy temperature alpha (learned afterwards). Not 1.0: on ManiSkill3 tasks whose success needs a
     static robot, alpha = 1 drives the policy to maximum entropy before any online success, and with a flat Q

@@ -112,8 +112,8 @@ class Args:
     num_min_qs: int = 2
     """critics drawn (without replacement, anew each step) whose min forms the target"""
     actor_update_freq: int = 1
-    """actor and temperature step every this many critic steps (1: ManiSkill's SAC; grad_updates_per_step:
-    once per iteration, as the original RLPD)"""
+    """actor and temperature step on every this-many-th critic step, counted over the whole run (1: ManiSkill's SAC;
+    grad_updates_per_step: once per iteration, as the original RLPD)"""
     init_temperature: float = 0.01
     """initial entropy temperature alpha (learned afterwards). Not 1.0: on ManiSkill3 tasks whose success needs a
     static robot, alpha = 1 drives the policy to maximum entropy before any online success, and with a flat Q

@@ -196,3 +196,27 @@ def test_gpu_simulation_set_up_traps_are_one_line_errors(monkeypatch):
     monkeypatch.setattr(sapien.physx, "enable_gpu", lambda: None)
     common.check_gpu_simulation()  # all there: no error
     assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false", "JAX must not take 75% of the GPU"
+
+
+def test_track_starts_wandb_before_the_tensorboard_writer(tmp_path, monkeypatch):
+    """W&B's TensorBoard sync patches the writer when wandb.init runs: a writer made first sends W&B nothing."""
+    import sys
+    import types
+
+    import rfcl
+
+    order = []
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kw: order.append(("wandb.init", kw["sync_tensorboard"]))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+
+    class Writer:
+        def __init__(self, logdir):
+            order.append(("SummaryWriter", logdir))
+
+        def add_text(self, *a):
+            pass
+
+    monkeypatch.setattr(common, "SummaryWriter", Writer)
+    common.open_writer(tmp_path, rfcl.Args(track=True, exp_name="x"))
+    assert order == [("wandb.init", True), ("SummaryWriter", str(tmp_path))]

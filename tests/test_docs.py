@@ -89,8 +89,9 @@ def code_commands(text: str):
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
-def test_code_links_point_at_what_they_name(doc):
-    links = LINK.findall(doc.read_text())
+def test_code_links_point_at_what_they_name_and_other_links_lead_to_files(doc):
+    text = doc.read_text()
+    links = LINK.findall(text)
     if doc.name in ("rfcl.md", "rlpd.md"):
         assert len(links) >= 8, f"{doc.name} should point readers at the code"
     for target, script, first, last in links:
@@ -98,6 +99,11 @@ def test_code_links_point_at_what_they_name(doc):
         got = (int(first), int(last) if last else None)
         assert got == want, (f"{doc.name}: link to {target} in {script} says lines {got}, the code has {want}; "
                              f"run python tests/test_docs.py --fix")
+    # every relative link (other docs, scripts, figures) leads to a file of this repository
+    relative = [t for t in re.findall(r"\]\(([^)#\s]+)[^)]*\)", text) if not t.startswith(("http://", "https://"))]
+    assert relative, f"{doc.name} links to nothing in the repository"
+    missing = [t for t in relative if not (doc.parent / t).resolve().is_file()]
+    assert not missing, f"{doc.name} links to files that do not exist: {missing}"
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)

@@ -1,9 +1,11 @@
 """rfcl.py end to end on real ManiSkill (CPU), run as a user runs it."""
 
+import importlib.util
 import json
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import ROOT, error_line, read_scalars, run_script
 
@@ -71,8 +73,16 @@ def test_bad_input_errors_are_one_line(tiny_run, demo_path, tmp_path):
         (["--evaluate", "--checkpoint", str(tmp_path / "none.ckpt")], "error: checkpoint"),
         (["--evaluate", "--checkpoint", str(run_dir / "checkpoints/final.ckpt"), "--env-id", "StackCube-v1"],
          "error: " + str(run_dir / "checkpoints/final.ckpt") + " was trained with --env-id PickCube-v1"),
-        (["--sim-backend", "gpu"], "error: GPU simulation needs CUDA; use --sim-backend cpu"),
+        (["--exp-name", "../../escaped"], "error: --exp-name must be a plain name (a folder under runs/)"),
+        (["--exp-name", str(tmp_path / "abs")], "error: --exp-name must be a plain name (a folder under runs/)"),
+        (["--total-timesteps", "0"], "error: --total-timesteps must be >= 1, got 0"),
+        (["--num-envs", "0"], "error: --num-envs must be >= 1, got 0"),
+        (["--eval-freq", "0"], "error: --eval-freq must be >= 1, got 0"),
     ]
+    if not torch.cuda.is_available():  # with CUDA this would start a real 1M-step GPU run
+        cases.append((["--sim-backend", "gpu"], "error: GPU simulation needs CUDA; use --sim-backend cpu"))
+    if importlib.util.find_spec("wandb") is None:
+        cases.append((["--track"], "error: --track needs Weights & Biases: pip install wandb"))
     for i, (extra, start) in enumerate(cases):
         proc = run_script([str(ROOT / "rfcl.py"), "--exp-name", f"bad{i}", *extra], cwd, check=False, timeout=300)
         assert proc.returncode != 0, extra
@@ -80,6 +90,8 @@ def test_bad_input_errors_are_one_line(tiny_run, demo_path, tmp_path):
         assert line.startswith(start), (extra, line)
         assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
         assert not (cwd / "runs" / f"bad{i}").exists(), "a rejected command leaves no run directory behind"
+    assert {p.name for p in (cwd / "runs").iterdir()} <= {"tiny", "tiny_eval"}
+    assert not (tmp_path / "abs").exists() and not (cwd.parent / "escaped").exists()
 
 
 def test_reset_to_a_demo_state_gives_the_demo_observation(demo_path):

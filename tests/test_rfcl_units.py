@@ -1,10 +1,10 @@
-"""rfcl.py's curricula in isolation, and its presets (the SAC core is tested in test_sac_core.py)."""
+"""rfcl.py's curricula in isolation (the SAC core is tested in test_sac_core.py, the presets in
+test_presets_and_checkpoints.py)."""
 
 import numpy as np
 
 
 import rfcl
-import common
 from conftest import fake_gpu_envs
 
 
@@ -116,22 +116,6 @@ def test_sampling_mixes_scores_and_staleness_and_updates_scores():
     np.testing.assert_allclose(p, 0.9 * score_w + 0.1 * stale_w)
     assert p.argmax() == 0 and np.isclose(p.sum(), 1)
     assert c.stats()["curriculum/seeds_on_edge_frac"] == 0.25
-
-
-def parse(argv):
-    return common.parse_args(rfcl.Args, rfcl.PRESETS, "", argv)
-
-
-def test_presets_set_defaults_and_flags_override_them():
-    a = parse(["--preset", "sample-efficient", "--num-qs", "5"])
-    assert a.num_qs == 5, "a flag beats the preset"
-    published = parse(["--preset", "sample-efficient"])  # base_sac_ms3_sample_efficient.yml
-    assert (published.num_envs, published.steps_per_env, published.grad_updates_per_step, published.actor_update_freq,
-            published.num_qs, published.num_min_qs, published.eval_freq, published.num_seed_steps) == \
-        (8, 1, 80, 20, 10, 2, 5000, 5000)
-    b = parse([])
-    assert (b.num_envs, b.steps_per_env, b.grad_updates_per_step, b.num_qs, b.num_seed_steps) == (8, 4, 16, 2, 5000)
-    assert b.gamma == 0.9 and b.control_mode == "pd_joint_delta_pos" and b.bootstrap_at_done == "always"
 
 
 def test_gpu_reset_puts_demo_start_envs_in_one_call_then_sets_their_states():

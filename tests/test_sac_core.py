@@ -163,14 +163,6 @@ def test_checkpoint_round_trip_and_wrong_algorithm(algo, tmp_path):
         common.load_checkpoint(str(path), algo.ALGORITHM, algo.Args(env_id="StackCube-v1"))
 
 
-def test_rlpd_presets_set_defaults_and_flags_override_them():
-    a = common.parse_args(rlpd.Args, rlpd.PRESETS, "", ["--preset", "sample-efficient", "--actor-update-freq", "16"])
-    assert (a.num_envs, a.steps_per_env, a.grad_updates_per_step, a.num_qs, a.num_min_qs) == (1, 1, 16, 10, 2)
-    assert a.max_episode_steps == 100 and a.actor_update_freq == 16
-    b = common.parse_args(rlpd.Args, rlpd.PRESETS, "", [])
-    assert (b.num_envs, b.steps_per_env, b.grad_updates_per_step, b.num_qs, b.num_seed_steps) == (8, 4, 16, 2, 5000)
-
-
 # ---- GPU env resets (logic only: a stand-in replaces the CUDA env) ----------------------------------------------
 def test_gpu_reset_gives_each_seeded_env_its_own_seed():
     """ManiSkill draws every env of one reset call from the first env's seed, so GPUEnvs.reset resets each
@@ -183,3 +175,66 @@ def test_gpu_reset_gives_each_seeded_env_its_own_seed():
     obs = np.asarray(g.reset(np.array([False, True, False]), np.array([0, 5, 0])))
     assert fake.calls[3:] == [(5, [1])]
     np.testing.assert_array_equal(obs, np.repeat([[7], [5], [9]], 3, axis=1))
+
+
+# ---- the SAC maths by value, on hand-made numbers --------------------------------------------------------------
+def constant_critics(params, values):
+    """Critic params whose member i outputs values[i] for every input (zero output kernel, bias = value)."""
+    out = jax.tree_util.tree_map(jnp.array, params)
+    last = max(k for k in out if k.startswith("Dense_"))
+    out[last]["kernel"] = jnp.zeros_like(out[last]["kernel"])
+    out[last]["bias"] = jnp.asarray(values, jnp.float32)[:, None]
+    return out
+
+
+@both
+@pytest.mark.parametrize("backup_entropy", [False, True])
+def test_one_update_by_value(algo, backup_entropy):
+    """One update_one call, every number recomputed by hand: the critic target r + gamma * mask * (min of the
+    *target* critics - alpha * log pi if --backup-entropy), the critic loss, the Polyak step, the actor loss
+    against the ensemble *mean*, and the temperature loss alpha * (entropy - target entropy) with its sign."""
+    gamma, tau, lr = 0.8, 0.05, 1e-3
+    args = algo.Args(hidden_dims=(8,), num_qs=3, num_min_qs=3, batch_size=4, gamma=gamma, tau=tau, learning_rate=lr,
+                     backup_entropy=backup_entropy, init_temperature=0.5, actor_update_freq=1)
+    obs_dim, act_dim = 5, 2
+    actor, critic, state = algo.init_sac(args, obs_dim, act_dim, jax.random.PRNGKey(0))
+    state = state.replace(critic=state.critic.replace(params=constant_critics(state.critic.params, [1.0, 2.0, 3.0])),
+                          target_params=constant_critics(state.target_params, [0.5, 1.5, -1.0]))
+    rng = np.random.default_rng(0)
+    rows = {"obs": rng.normal(size=(2, obs_dim)), "actions": rng.uniform(-1, 1, (2, act_dim)),
+            "rewards": np.array([1.0, 0.0]), "next_obs": rng.normal(size=(2, obs_dim)), "masks": np.array([1.0, 0.0])}
+    online, offline = algo.ReplayBuffer(2, obs_dim, act_dim), algo.ReplayBuffer(2, obs_dim, act_dim)
+    online.add(rows)
+    offline.add(rows)
+    sample_batch, update_one, _ = algo.make_update(args, actor, critic, act_dim)
+    key = jax.random.PRNGKey(7)
+    new, info = jax.jit(update_one)(state, online.data, online.size, offline.data, offline.size, key)
+
+    # the same draws as update_one: batch, then critic (policy sample, subset) and actor keys
+    k_batch, k_c, k_a = jax.random.split(key, 3)
+    k_pi, _ = jax.random.split(k_c)
+    b = jax.device_get(sample_batch(online.data, online.size, offline.data, offline.size, k_batch))
+    alpha = 0.5
+    _, next_logp = algo.sample_action(actor, state.actor.params, b["next_obs"], k_pi)
+    next_v = -1.0 - (alpha * np.asarray(next_logp) if backup_entropy else 0.0)  # min of the target critics
+    target = b["rewards"] + gamma * b["masks"] * next_v
+    qf_loss = np.mean([(c - target) ** 2 for c in (1.0, 2.0, 3.0)])
+    np.testing.assert_allclose(info["losses/qf_loss"], qf_loss, rtol=1e-5)
+    np.testing.assert_allclose(info["losses/qf_values"], 2.0, rtol=1e-6)
+
+    for t_new, c_new, t_old in zip(jax.tree_util.tree_leaves(new.target_params),
+                                   jax.tree_util.tree_leaves(new.critic.params),
+                                   jax.tree_util.tree_leaves(state.target_params)):
+        np.testing.assert_allclose(t_new, tau * np.asarray(c_new) + (1 - tau) * np.asarray(t_old), rtol=1e-5, atol=1e-7)
+
+    a, logp = algo.sample_action(actor, state.actor.params, b["obs"], k_a)
+    q_mean = np.asarray(critic.apply({"params": new.critic.params}, b["obs"], a)).mean(0)
+    np.testing.assert_allclose(info["losses/actor_loss"], np.mean(alpha * np.asarray(logp) - q_mean), rtol=1e-4)
+    entropy = -float(np.mean(logp))
+    np.testing.assert_allclose(info["losses/entropy"], entropy, rtol=1e-5)
+    target_entropy = -args.target_entropy_scale * act_dim
+    np.testing.assert_allclose(info["losses/alpha_loss"], alpha * (entropy - target_entropy), rtol=1e-4)
+    # Adam's first step moves log alpha by lr against the sign of its gradient alpha * (entropy - target)
+    moved = float(new.temp.params["log_alpha"]) - np.log(alpha)
+    np.testing.assert_allclose(moved, -lr * np.sign(entropy - target_entropy), rtol=1e-3)
+    np.testing.assert_allclose(info["losses/alpha"], np.exp(np.log(alpha) + moved), rtol=1e-5)

@@ -1,0 +1,163 @@
+"""How strong is the test suite? Break rfcl.py on purpose (a fixed list of plausible mistakes in the curricula,
+the SAC update and the training loop) and count the mistakes that no test catches.
+
+    python benchmarks/mutation.py                                  # this checkout
+    python benchmarks/mutation.py --repo /path/to/older/checkout   # the same mistakes, an older suite
+
+Each mutant is one text substitution in rfcl.py (the first of its alternatives that the file contains, so the same
+mistake can be planted in older versions of the code), run against a copy of the repository with `pytest -x` on
+the test files of its group; it is "caught" when pytest fails. A hand-picked list, not a mutation tool's
+exhaustive one: mutmut's thousands of mutants times a minute of tests each do not fit a 2-core machine.
+Writes a markdown table to stdout and, with --out, to <out>.md and <out>.json.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import tyro
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (name, group, [(old, new), ...]): alternatives for different versions of rfcl.py
+MUTANTS = [
+    ("frontier moves before the window is full", "unit",
+     [("if len(win) == self.window and all(win):", "if all(win):")]),
+    ("frontier moves by step - 1", "unit",
+     [("self.t[i] = max(self.t[i] - self.step, 0)", "self.t[i] = max(self.t[i] - self.step + 1, 0)")]),
+    ("stage 1 ends at exactly the solved fraction", "unit",
+     [("return self.solved.mean() > self.solved_frac", "return self.solved.mean() >= self.solved_frac")]),
+    ("demo weights favour solved demos", "unit",
+     [("w = np.where(self.solved, 1e-3, (self.t + 1) / (self.T + 1))",
+       "w = np.where(self.solved, 1e-3, (self.T - self.t + 1) / (self.T + 1))")]),
+    ("stage-1 time limit multiplies by the ratio", "unit",
+     [("return 16 + int((self.T[i] - start) // self.ratio)", "return 16 + int((self.T[i] - start) * self.ratio)")]),
+    ("episodes past the frontier are judged", "unit",
+     [("return start == self.t[i] and not self.solved[i]", "return start <= self.t[i] + 1 and not self.solved[i]")]),
+    ("the success window is not cleared after a move", "unit", [("            win.clear()", "            pass")]),
+    ("a seed at 75% counts as on the edge", "unit",
+     [("return 3.0 if np.mean(history) < 0.75 else 1.0", "return 3.0 if np.mean(history) <= 0.75 else 1.0")]),
+    ("ties do not share the smallest rank", "unit",
+     [("ranks = 1 + (values[None, :] > values[:, None]).sum(1)",
+       "ranks = 1 + (values[None, :] >= values[:, None]).sum(1)")]),
+    ("staleness counted backwards", "unit",
+     [("staleness = (self.num_sampled - self.last_sampled).astype(float)",
+       "staleness = (self.last_sampled - self.num_sampled).astype(float)")]),
+    ("sampling does not record staleness", "unit",
+     [("        self.last_sampled[k] = self.num_sampled\n", "")]),
+    ("critic target from the online critics", "unit",
+     [('next_q = critic.apply({"params": s.target_params}', 'next_q = critic.apply({"params": s.critic.params}')]),
+    ("critic target ignores the mask", "unit",
+     [('target = batch["rewards"] + args.gamma * batch["masks"] * next_v',
+       'target = batch["rewards"] + args.gamma * next_v')]),
+    ("entropy backup with the wrong sign", "unit",
+     [("next_v -= alpha * next_logp", "next_v += alpha * next_logp")]),
+    ("Polyak step towards the old target", "unit",
+     [("optax.incremental_update(new_critic.params, s.target_params, args.tau)",
+       "optax.incremental_update(s.target_params, new_critic.params, args.tau)")]),
+    ("actor maximises the ensemble min, not the mean", "unit",
+     [('q = critic.apply({"params": s.critic.params}, batch["obs"], a).mean(0)',
+       'q = critic.apply({"params": s.critic.params}, batch["obs"], a).min(0)')]),
+    ("temperature loss with the wrong sign", "unit",
+     [('return jnp.exp(p["log_alpha"]) * (entropy - target_entropy)',
+       'return jnp.exp(p["log_alpha"]) * (target_entropy - entropy)')]),
+    ("target subset drawn with replacement", "unit",
+     [("jax.random.choice(key, q.shape[0], (num_min_qs,), replace=False)",
+       "jax.random.choice(key, q.shape[0], (num_min_qs,), replace=True)")]),
+    ("offline half drawn with the online size", "unit",
+     [("i_off = jax.random.randint(k_off, (half,), 0, offline_size)",
+       "i_off = jax.random.randint(k_off, (half,), 0, online_size)")]),
+    ("actor cadence off by one", "unit",
+     [("actor_turn = s.critic.step % args.actor_update_freq == 0",
+       "actor_turn = (s.critic.step + 1) % args.actor_update_freq == 0"),
+      ("jax.lax.cond((i + 1) % args.actor_update_freq == 0", "jax.lax.cond(i % args.actor_update_freq == 0")]),
+    ("tanh log-prob correction with the wrong sign", "unit",
+     [("logp -= 2 * (jnp.log(2.0) - u - jax.nn.softplus(-2 * u))",
+       "logp += 2 * (jnp.log(2.0) - u - jax.nn.softplus(-2 * u))")]),
+    ("env gets the pool index, not its seed", "loop",
+     [("eps.seed_idx[j], eps.horizon[j], seeds[j] = k, args.max_episode_steps, forward.seeds[k]",
+       "eps.seed_idx[j], eps.horizon[j], seeds[j] = k, args.max_episode_steps, k"),
+      ("ep_seed_idx[j], ep_horizon[j], seeds[j] = k, args.max_episode_steps, forward.seeds[k]",
+       "ep_seed_idx[j], ep_horizon[j], seeds[j] = k, args.max_episode_steps, k")]),
+    ("stage-1 data not handed to the offline buffer", "loop",
+     [("offline, online = switch_to_stage2(", "_, online = switch_to_stage2("),
+      ("offline, online = online, ReplayBuffer(args.buffer_size, obs_dim, act_dim)",
+       "online = ReplayBuffer(args.buffer_size, obs_dim, act_dim)")]),
+    ("curriculum always judges success once", "loop",
+     [('judged = eps.once if args.curriculum_success == "once" else success', "judged = eps.once"),
+      ('ep_success = ep_once if args.curriculum_success == "once" else success', "ep_success = ep_once")]),
+    ("stage-2 seeding with uniform actions", "loop",
+     [("if stage == 1 and global_step < args.num_seed_steps:", "if online.size < args.num_seed_steps:")]),
+]
+
+
+@dataclass
+class Args:
+    repo: Optional[str] = None
+    """checkout whose rfcl.py and tests to use (default: this one)"""
+    unit_tests: list[str] = field(default_factory=lambda: [
+        "tests/test_rfcl_units.py", "tests/test_sac_core.py", "tests/test_presets_and_checkpoints.py"])
+    """test files run against the curricula and SAC mutants (missing ones are skipped)"""
+    loop_tests: list[str] = field(default_factory=lambda: ["tests/test_loop_seams.py",
+                                                           "tests/test_rfcl_integration.py"])
+    """test files run against the training-loop mutants (missing ones are skipped)"""
+    only: list[str] = field(default_factory=list)
+    """run only mutants whose name contains one of these"""
+    timeout: int = 900
+    out: Optional[str] = None
+
+
+def run_mutant(repo: Path, old: str, new: str, tests: list[str], timeout: int) -> tuple[bool, float]:
+    """(caught, seconds): pytest -x on `tests` in a copy of `repo` whose rfcl.py has `old` replaced by `new`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "repo"
+        shutil.copytree(repo, copy, ignore=shutil.ignore_patterns(".git", ".venv", "runs", "__pycache__", "*.png"))
+        path = copy / "rfcl.py"
+        path.write_text(path.read_text().replace(old, new, 1))
+        t0 = time.time()
+        try:
+            proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+                                  cwd=copy, capture_output=True, text=True, timeout=timeout)
+            return proc.returncode != 0, time.time() - t0
+        except subprocess.TimeoutExpired:
+            return True, time.time() - t0
+
+
+def main(a: Args) -> list[dict]:
+    repo = Path(a.repo or ROOT).resolve()
+    source = (repo / "rfcl.py").read_text()
+    rows = []
+    for name, group, alternatives in MUTANTS:
+        if a.only and not any(o in name for o in a.only):
+            continue
+        tests = [t for t in (a.unit_tests if group == "unit" else a.loop_tests) if (repo / t).exists()]
+        hit = next(((o, n) for o, n in alternatives if o in source), None)
+        if hit is None:
+            rows.append({"mutant": name, "group": group, "result": "not applicable"})
+        else:
+            caught, secs = run_mutant(repo, *hit, tests, a.timeout)
+            rows.append({"mutant": name, "group": group, "result": "caught" if caught else "SURVIVED",
+                         "seconds": round(secs)})
+        print(f"{rows[-1]['result']:14s} {name}", file=sys.stderr, flush=True)
+    applied = [r for r in rows if r["result"] != "not applicable"]
+    survived = [r["mutant"] for r in applied if r["result"] == "SURVIVED"]
+    md = [f"Mutants of `{repo.name}/rfcl.py`: {len(applied)} applied, {len(applied) - len(survived)} caught, "
+          f"{len(survived)} survived", "", "| mutant | group | result |", "| --- | --- | --- |"]
+    md += [f"| {r['mutant']} | {r['group']} | {r['result']} |" for r in rows]
+    print("\n".join(md))
+    if a.out:
+        Path(a.out).with_suffix(".md").write_text("\n".join(md) + "\n")
+        Path(a.out).with_suffix(".json").write_text(json.dumps(rows, indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args, description=__doc__))
