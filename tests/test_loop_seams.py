@@ -9,7 +9,6 @@ import pytest
 
 import common
 import rfcl
-from conftest import ROOT
 
 ENVS, PER_ENV, SEED_STEPS, TOTAL, HORIZON = 2, 4, 16, 200, 12
 
@@ -130,8 +129,7 @@ def episodes(seen, ratio=3.0):
     rec, lengths = seen["train"], seen["demo_lengths"]
     current = {}  # env -> (first step index, demo start, seed)
     out = []
-    resets = sorted(rec.resets, key=lambda r: r[0])
-    for k, (at, mask, seeds, starts) in enumerate(resets):
+    for at, mask, seeds, starts in rec.resets:
         for j in np.flatnonzero(mask):
             if j in current:
                 first, start, seed = current[j]
