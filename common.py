@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -449,6 +450,8 @@ class CPUWorkerEnv(gym.Wrapper):
         self.recorder = VideoRecorder(env) if record else None
         super().__init__(CPUGymWrapper(self.recorder or env))
         self.idx, self.demos = idx, demos
+        # Ctrl-C in a terminal reaches every process of the group: the main process decides when to stop
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def reset(self, seed=None, options=None):
         start = (options or {}).get("demo_starts", [None] * (self.idx + 1))[self.idx]
@@ -615,6 +618,28 @@ def check_dims(args, envs, demos: Demos, path: Path, ckpt: Optional[dict]) -> tu
 
 
 
+class StopRequest:
+    """Ctrl-C (SIGINT) or a plain kill / Slurm's warning (SIGTERM) ends a run at the next iteration boundary, after
+    it has saved, instead of killing it mid-update. A second signal stops at once."""
+
+    def __init__(self):
+        self.name, self.exit_code = None, 0
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame):
+        if self.name is not None:
+            raise SystemExit(128 + signum)  # the second signal: at once (the env workers are reaped on exit)
+        self.name, self.exit_code = signal.Signals(signum).name, 128 + signum
+        tqdm.write(f"{self.name}: saving and stopping after this iteration (send it again to stop at once)")
+
+    def __bool__(self) -> bool:
+        return self.name is not None
+
+
 class RunLog:
     """What both training loops keep besides the algorithm: the wall-clock split (simulation, updates, eval),
     the stats of finished training episodes, the log/eval/save schedule, tensorboard and the progress bar."""
@@ -674,15 +699,22 @@ class RunLog:
                    f"{metrics['eval/success_once']:.3f} ({metrics['eval/episodes']} episodes)")
         return metrics
 
-    def finish(self, step: int, **extra) -> dict:
-        """runs/<exp-name>/summary.json, also printed as the last line."""
+    def finish(self, step: int, stop: Optional[StopRequest] = None, **extra) -> dict:
+        """runs/<exp-name>/summary.json, also printed; after a stop signal, one line on what was saved."""
         self.pbar.close()
-        summary = {"global_step": step, **extra, "eval_success_at_end": self.last_success,
+        if stop is not None:
+            stop.restore()
+        summary = {"global_step": step, "stopped_by": stop.name if stop else None, **extra,
+                   "eval_success_at_end": self.last_success,
                    "wall_clock_s": time.time() - self.t_start,
                    **{f"time_{k}_s": v for k, v in self.seconds.items()}}
         write_json(self.run_dir / "summary.json", summary)
         print(json.dumps(summary))
         self.writer.close()
+        if stop:
+            print(f"stopped by {stop.name} at env step {step}: networks saved in "
+                  f"{self.run_dir / 'checkpoints' / f'step_{step:08d}.ckpt'}; --checkpoint starts a new run from them "
+                  f"(buffers and curricula are not saved)", file=sys.stderr)
         return summary
 
 

@@ -408,8 +408,8 @@ def main(args: Args) -> None:
 
     obs = start_episodes(np.ones(n, bool))
     global_step, grad_updates, info = 0, 0, {}
-    run = common.RunLog(args, run_dir, writer)
-    while global_step < args.total_timesteps:
+    run, stop = common.RunLog(args, run_dir, writer), common.StopRequest()
+    while global_step < args.total_timesteps and not stop:
         # ---- collect num_envs * steps_per_env transitions: uniform random actions for --num-seed-steps ----------
         with run.timed("simulation"):
             for _ in range(args.steps_per_env):
@@ -456,13 +456,16 @@ def main(args: Args) -> None:
         if run.due("save", global_step):
             common.save_checkpoint(run_dir / "checkpoints" / f"step_{global_step:08d}.ckpt", ALGORITHM, args,
                                    obs_dim, act_dim, networks(state), global_step)
-    common.save_checkpoint(run_dir / "checkpoints" / "final.ckpt", ALGORITHM, args, obs_dim, act_dim,
-                           networks(state), global_step)
-    run.finish(global_step, grad_updates=grad_updates)
+    last = f"step_{global_step:08d}.ckpt" if stop else "final.ckpt"
+    common.save_checkpoint(run_dir / "checkpoints" / last, ALGORITHM, args, obs_dim, act_dim, networks(state),
+                           global_step)
+    run.finish(global_step, stop, grad_updates=grad_updates)
     envs.close()
     eval_envs.close()
+    if stop:
+        sys.exit(stop.exit_code)
 
 if __name__ == "__main__":
-    # a plain `kill` becomes a normal exit, so the simulator worker processes are reaped, not orphaned
+    # until the loop takes over SIGTERM, a plain `kill` is a normal exit, so the env workers are reaped
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     main(common.parse_args(Args, PRESETS, __doc__))

@@ -2,6 +2,11 @@
 
 import importlib.util
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -149,3 +154,39 @@ def test_stage_switch_saves_stage1_and_the_policy_seeds_before_updates_resume(de
     switch_end = ends[ends >= s][0]
     expected = updates * (((ends >= seed_steps) & (ends < switch_end)).sum() + (ends >= s + seed_steps).sum())
     assert summary["grad_updates"] == expected, (summary["grad_updates"], expected, s)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
+def test_a_stop_signal_saves_and_exits_cleanly(sig, demo_path, tmp_path):
+    """Ctrl-C reaches the whole process group (the env workers too); a plain kill or Slurm's warning only the
+    main process. Either way the run stops at the next iteration, saves its networks and says so in one line."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "rfcl.py"), "--exp-name", "stop", "--num-demos", "2",
+                             "--total-timesteps", "1000000", "--num-seed-steps", "1000000", "--num-envs", "2",
+                             "--num-eval-envs", "2", "--no-capture-video", "--log-freq", "50"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    events = tmp_path / "runs" / "stop"
+    deadline = time.time() + 240
+    while time.time() < deadline and not any(events.glob("events.out.tfevents.*")):
+        time.sleep(1)
+    time.sleep(8)  # a few logged iterations
+    t0 = time.time()
+    os.killpg(proc.pid, sig) if sig == signal.SIGINT else proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    stop_seconds = time.time() - t0
+    assert proc.returncode == 128 + sig, err[-2000:]
+    assert "Traceback" not in err, err[-3000:]
+    last = [line for line in err.splitlines() if line.strip()][-1]
+    assert last.startswith(f"stopped by {sig.name} at env step "), last
+    step = int(last.split("at env step ")[1].split(":")[0])
+    ckpt = common_ckpt(events / "checkpoints" / f"step_{step:08d}.ckpt")
+    assert ckpt["global_step"] == step > 0
+    summary = json.loads((events / "summary.json").read_text())
+    assert summary["stopped_by"] == sig.name and summary["global_step"] == step
+    assert stop_seconds < 60, stop_seconds
+
+
+def common_ckpt(path):
+    import common
+
+    return common.load_checkpoint(str(path), "rfcl")
