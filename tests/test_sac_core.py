@@ -58,12 +58,18 @@ def small_setup(algo, num_qs=3, num_min_qs=2, actor_update_freq=2):
 
 @both
 def test_every_minibatch_is_exactly_half_online_half_offline(algo):
-    args, actor, critic, state, online, offline, act_dim = small_setup(algo)
+    """Each half is drawn from the filled rows of its own buffer: buffers only partly filled, rows tagged by their
+    reward (online 1, offline 2, unfilled 0)."""
+    args, actor, critic, state, _, _, act_dim = small_setup(algo)
     sample_batch, _, _ = algo.make_update(args, actor, critic, act_dim)
+    online, offline = algo.ReplayBuffer(64, 5, act_dim), algo.ReplayBuffer(64, 5, act_dim)
+    for buf, n, tag in ((online, 50, 1.0), (offline, 6, 2.0)):
+        buf.add({"obs": np.zeros((n, 5)), "actions": np.zeros((n, act_dim)), "rewards": np.full(n, tag),
+                 "next_obs": np.zeros((n, 5)), "masks": np.ones(n)})
     for k in jax.random.split(jax.random.PRNGKey(1), 20):
         b = sample_batch(online.data, online.size, offline.data, offline.size, k)
         assert b["rewards"].shape == (16,)
-        assert (b["rewards"][:8] == 1).all() and (b["rewards"][8:] == 0).all()
+        assert (b["rewards"][:8] == 1).all() and (b["rewards"][8:] == 2).all()
 
 
 @both
