@@ -9,15 +9,20 @@ import pytest
 
 import common
 import rfcl
+from conftest import read_scalars
 
 ENVS, PER_ENV, SEED_STEPS, TOTAL, HORIZON = 2, 4, 16, 200, 12
 
 
 class EnvRecorder:
-    """Wraps a vector env: every reset (at which step, mask, seeds, demo starts) and every step (success)."""
+    """Wraps a vector env: every reset (at which step, mask, seeds, demo starts) and every step (success).
+    With `scripted`, each step's success is a coin flip (p = 0.3) instead of the simulator's, so that episodes
+    succeed at some step but not at their last one and vice versa: a tiny run rarely succeeds for real, and
+    the curricula's judging rules differ only where it does."""
 
-    def __init__(self, envs):
+    def __init__(self, envs, scripted=False):
         self.envs, self.resets, self.success = envs, [], []
+        self.coin = np.random.default_rng(0) if scripted else None
 
     def __getattr__(self, name):
         return getattr(self.envs, name)
@@ -28,9 +33,11 @@ class EnvRecorder:
         return self.envs.reset(mask, seeds, demo_starts)
 
     def step(self, actions):
-        out = self.envs.step(actions)
-        self.success.append(np.array(out[2]))
-        return out
+        obs, terminated, success = self.envs.step(actions)
+        if self.coin is not None:
+            success = self.coin.random(len(success)) < 0.3
+        self.success.append(np.array(success))
+        return obs, terminated, success
 
 
 class RngSpy:
@@ -54,7 +61,7 @@ def spy_run(tmp_path, monkeypatch, *extra):
     make_envs = common.make_envs
 
     def recording_make_envs(args, num_envs, demos=None, record=False):
-        rec = EnvRecorder(make_envs(args, num_envs, demos, record))
+        rec = EnvRecorder(make_envs(args, num_envs, demos, record), scripted=demos is not None)
         seen["train" if demos is not None else "eval"] = rec
         return rec
 
@@ -118,6 +125,7 @@ def spy_run(tmp_path, monkeypatch, *extra):
     monkeypatch.undo()
     seen["rng"] = rng["spy"]
     seen["summary"] = json.loads((tmp_path / "runs" / "seams" / "summary.json").read_text())
+    seen["scalars"] = read_scalars(tmp_path / "runs" / "seams")
     seen["demo_lengths"] = common.load_demos(common.get_demos(
         "PickCube-v1", "state", "pd_joint_delta_pos", 2), 2).lengths
     return seen
@@ -159,6 +167,7 @@ def test_reverse_curriculum_is_told_the_start_each_episode_used_and_the_chosen_s
     assert stage1, "at least one stage-1 episode reached its time limit"
     expected = [(e[1][0], e[1][1], e[4] if rule == "once" else e[5]) for e in stage1]
     assert seen["reverse"] == expected
+    assert any(e[4] != e[5] for e in episodes(seen)), "the two rules disagree on some episodes"
 
 
 @pytest.mark.parametrize("rule", ["once", "at_end"])
@@ -174,6 +183,10 @@ def test_stage_two_envs_get_the_pool_seed_the_horizon_and_report_what_happened(r
     assert done and all(e[3] == HORIZON for e in stage2), "stage-2 episodes last --max-episode-steps"
     by_seed = [(k, e[4] if rule == "once" else e[5]) for (k, _), e in zip(seen["samples"], stage2)]
     assert seen["forward"] == by_seed
+    assert any(e[4] != e[5] for e in stage2), "the two rules disagree on some stage-2 episodes"
+    edge = dict(seen["scalars"]["curriculum/seeds_on_edge_frac"])
+    solved = dict(seen["scalars"]["curriculum/seeds_solved_frac"])
+    assert max(edge.values()) + max(solved.values()) > 0, "the seed scores moved off 'unsolved'"
 
 
 def test_stage_switch_hands_over_all_stage1_data_and_seeds_with_the_policy(runs):
