@@ -11,7 +11,7 @@ import common
 import rfcl
 from conftest import read_scalars
 
-ENVS, PER_ENV, SEED_STEPS, TOTAL, HORIZON = 2, 4, 16, 200, 12
+ENVS, PER_ENV, SEED_STEPS, TOTAL, HORIZON = 2, 4, 16, 400, 12
 
 
 class EnvRecorder:
@@ -55,8 +55,8 @@ class RngSpy:
 
 
 def spy_run(tmp_path, monkeypatch, *extra):
-    """rfcl.main in this process on 2 demos: stage 1 ends at the first finished episode (negative solved
-    fraction), then stage 2 runs to TOTAL env steps. Returns what the spies saw."""
+    """rfcl.main in this process on 2 demos, to TOTAL env steps. By default stage 1 ends at the first finished
+    episode (negative solved fraction); `extra` flags override. Returns what the spies saw."""
     seen = {"train": None, "eval": None, "reverse": [], "forward": [], "samples": [], "updates": [], "switch": []}
     make_envs = common.make_envs
 
@@ -152,8 +152,12 @@ def episodes(seen, ratio=3.0):
 def runs(demo_path, tmp_path_factory):
     mp = pytest.MonkeyPatch()
     try:
-        return {rule: spy_run(tmp_path_factory.mktemp(rule), mp, "--curriculum-success", rule)
-                for rule in ("once", "at_end")}
+        # "once": a real stage 1 whose frontiers jump to 0 at a demo's first frontier success (window 1, a step
+        # longer than any demo) and that ends when both demos are solved; "at_end": stage 1 ends at once
+        return {"once": spy_run(tmp_path_factory.mktemp("once"), mp, "--curriculum-success", "once",
+                                "--reverse-solved-frac", "0.9", "--per-demo-buffer-size", "1",
+                                "--reverse-step-size", "1000"),
+                "at_end": spy_run(tmp_path_factory.mktemp("at_end"), mp, "--curriculum-success", "at_end")}
     finally:
         mp.undo()
 
@@ -168,6 +172,24 @@ def test_reverse_curriculum_is_told_the_start_each_episode_used_and_the_chosen_s
     expected = [(e[1][0], e[1][1], e[4] if rule == "once" else e[5]) for e in stage1]
     assert seen["reverse"] == expected
     assert any(e[4] != e[5] for e in episodes(seen)), "the two rules disagree on some episodes"
+
+
+def test_the_frontier_moves_by_the_rule_in_a_real_run(runs):
+    """Replaying the run's own reports through a fresh curriculum (window 1, step 1000) must move every frontier
+    to 0 and solve every demo exactly at the last stage-1 report: the run ended stage 1 when, and because, its
+    curriculum said so. Catches a loop that never reports, reports to a copy, or switches on its own rule."""
+    seen = runs["once"]
+    c = rfcl.ReverseCurriculum(seen["demo_lengths"], 1000, 1, 3.0, 0.9, np.random.default_rng(0))
+    done_at = None
+    for n, (i, start, success) in enumerate(seen["reverse"]):
+        c.report(i, start, success)
+        if c.done and done_at is None:
+            done_at = n
+    assert done_at == len(seen["reverse"]) - 1
+    assert (c.t == 0).all() and c.solved.all()
+    frac = dict(seen["scalars"]["curriculum/start_step_frac_mean"])
+    solved = dict(seen["scalars"]["curriculum/reverse_solved_frac"])
+    assert frac[min(frac)] == 1.0 and min(frac.values()) == 0.0 and max(solved.values()) == 1.0
 
 
 @pytest.mark.parametrize("rule", ["once", "at_end"])
