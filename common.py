@@ -148,11 +148,15 @@ def open_writer(run_dir: Path, args):
     return writer
 
 
-def write_json(path: Path, obj) -> None:
-    """Atomic: a reader never sees half a file."""
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a hidden temporary file beside `path`, then rename: a reader never sees half a file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def write_json(path: Path, obj) -> None:
+    write_atomic(path, json.dumps(obj, indent=2).encode())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -736,9 +740,7 @@ def save_checkpoint(path: Path, algorithm: str, args, obs_dim: int, act_dim: int
         "extra": json.dumps(extra or {}, default=lambda o: np.asarray(o).tolist()),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(serialization.msgpack_serialize(payload))
-    os.replace(tmp, path)
+    write_atomic(path, serialization.msgpack_serialize(payload))
 
 
 def load_checkpoint(path: str, algorithm: Optional[str] = None, args=None) -> dict:
