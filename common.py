@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+import zlib
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -52,8 +53,12 @@ def fail(msg: str):
     sys.exit(f"error: {msg}")
 
 
-def parse_args(args_cls, presets: dict, description: str, argv=None):
-    """`--preset X` picks the defaults (presets[X]); every other flag given overrides them."""
+def parse_args(args_cls, presets: dict, description: str, argv=None, task_defaults: Optional[dict] = None,
+               algorithm: Optional[str] = None):
+    """Defaults in layers, each overriding the one before: the Args class; the env's registered horizon
+    (max_episode_steps); the script's per-task table (task_defaults[env_id]); the values `--preset X` sets;
+    every flag given on the command line. Prints the per-task values it applied; args.json records the result.
+    With --resume DIR the run's args.json is the source of truth instead (resume_args)."""
     argv = sys.argv[1:] if argv is None else argv
     preset = next(iter(presets))
     for i, a in enumerate(argv):
@@ -62,7 +67,108 @@ def parse_args(args_cls, presets: dict, description: str, argv=None):
         elif a.startswith("--preset="):
             preset = a.split("=", 1)[1]
     default = presets.get(preset, presets[next(iter(presets))])  # tyro rejects an unknown name itself
-    return tyro.cli(args_cls, default=default, args=argv, description=description)
+    given = {a[2:].split("=", 1)[0].replace("_", "-") for a in argv if a.startswith("--")}
+    if "resume" in given:
+        return resume_args(args_cls, argv, given, description, algorithm)
+    args = tyro.cli(args_cls, default=default, args=argv, description=description)
+    base = dataclasses.asdict(args_cls())
+    set_by_preset = {k for k, v in dataclasses.asdict(default).items() if v != base[k]}
+    layer = dict(task_defaults or {}).get(args.env_id, {})
+    if hasattr(args, "max_episode_steps") and args.env_id in gym.registry:
+        layer = {"max_episode_steps": gym.spec(args.env_id).max_episode_steps, **layer}
+    applied = {}
+    for name, value in layer.items():
+        if name.replace("_", "-") in given or name in set_by_preset or value is None:
+            continue
+        if getattr(args, name) != value:
+            applied[name] = value
+        setattr(args, name, value)
+    if applied:
+        print(f"[{args.env_id}] per-task defaults: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in
+              applied.items()) + " (a flag on the command line overrides each)", flush=True)
+    return args
+
+
+RESUME_FILE = "resume.state"
+RESUME_FORMAT, RESUME_VERSION = "rfcl-jax resume state", 1
+# flags that change when and what is logged, saved or how long the run goes, never what it learns
+RESUME_FLAGS = ("total-timesteps", "eval-freq", "save-freq", "capture-video", "no-capture-video", "num-eval-episodes")
+
+
+def resume_args(args_cls, argv, given: set, description: str, algorithm: Optional[str]):
+    """--resume DIR: the run's args.json, plus only the RESUME_FLAGS given on the command line."""
+    for flag in sorted(given - {"resume", *RESUME_FLAGS}):
+        fail(f"--{flag} cannot be given with --resume: the run's args.json fixes it; only "
+             f"{', '.join('--' + f for f in RESUME_FLAGS)} may change")
+    i = next(i for i, a in enumerate(argv) if a.replace("_", "-").split("=", 1)[0] == "--resume")
+    run_dir = Path(argv[i].split("=", 1)[1] if "=" in argv[i] else (argv[i + 1] if i + 1 < len(argv) else ""))
+    if not run_dir.is_dir():
+        fail(f"--resume {run_dir}: no such run directory; pass runs/<exp-name> of the run to continue")
+    header = read_resume_header(run_dir / RESUME_FILE, algorithm)
+    try:
+        saved = json.loads((run_dir / "args.json").read_text())
+        base = args_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+    except Exception as e:  # noqa: BLE001 - missing, unreadable or from another version of the script
+        fail(f"{run_dir / 'args.json'} is missing or does not match this script's flags ({type(e).__name__}: {e})")
+    args = tyro.cli(args_cls, default=base, args=argv, description=description)
+    args.resume = str(run_dir)
+    for k, v in header["args"].items():
+        if k not in ("resume", *(f.replace("-", "_") for f in RESUME_FLAGS)) and json.dumps(v) != json.dumps(
+                getattr(args, k, None), default=list):
+            fail(f"{run_dir / 'args.json'} says --{k.replace('_', '-')} {getattr(args, k, None)} but the run's resume "
+                 f"state was written with {v}; restore args.json (nothing was changed)")
+    if args.total_timesteps <= header["global_step"]:
+        fail(f"{run_dir} is already at env step {header['global_step']}; give a larger --total-timesteps to "
+             f"train it further")
+    return args
+
+
+def read_resume_header(path: Path, algorithm: Optional[str]) -> dict:
+    """The first line of a resume state: what it is, who wrote it, at which step, with which flags."""
+    if not path.is_file():
+        fail(f"{path.parent} holds no resume state ({path.name}); it is written every --save-freq steps, at the "
+             f"stage switch, at the end and on SIGINT/SIGTERM. --checkpoint {path.parent}/checkpoints/<file>.ckpt "
+             f"starts a new run from saved networks")
+    try:
+        with open(path, "rb") as f:
+            header = json.loads(f.readline())
+        header["format"], header["version"], header["algorithm"], header["global_step"], header["args"]  # noqa: B018
+    except Exception:  # noqa: BLE001
+        fail(f"{path} is not a readable resume state (corrupted or another format)")
+    if header["format"] != RESUME_FORMAT:
+        fail(f"{path} is not a resume state of these scripts (format {header['format']!r})")
+    if header["version"] != RESUME_VERSION:
+        fail(f"{path} was written by resume-state version {header['version']}; this script reads version "
+             f"{RESUME_VERSION}: resume it with the version of the code that wrote it")
+    if algorithm is not None and header["algorithm"] != algorithm:
+        fail(f"{path.parent} is a {header['algorithm']} run; resume it with {header['algorithm']}.py")
+    return header
+
+
+def save_resume_state(path: Path, algorithm: str, args, global_step: int, stage: int, payload: dict) -> float:
+    """Everything a run needs to continue exactly: a one-line JSON header, then the msgpack payload (learner state,
+    optimizer states, buffers, curricula, generators, schedule). Written atomically: the previous state stays until
+    this one is complete on disk. Returns the seconds it took."""
+    t0 = time.time()
+    body = serialization.msgpack_serialize(payload)
+    header = {"format": RESUME_FORMAT, "version": RESUME_VERSION, "algorithm": algorithm, "global_step": global_step,
+              "stage": stage, "args": dataclasses.asdict(args), "payload_bytes": len(body),
+              "payload_crc32": zlib.crc32(body)}
+    write_atomic(path, [json.dumps(header).encode() + b"\n", body])
+    return time.time() - t0
+
+
+def load_resume_state(path: Path, algorithm: str) -> tuple[dict, dict]:
+    """(header, payload) of a resume state, checked whole: a truncated or corrupted file is a one-line error."""
+    header = read_resume_header(path, algorithm)
+    with open(path, "rb") as f:
+        f.readline()
+        body = f.read()
+    if len(body) != header["payload_bytes"] or zlib.crc32(body) != header["payload_crc32"]:
+        fail(f"{path} is truncated or corrupted ({len(body)} of {header['payload_bytes']} payload bytes, or a "
+             f"checksum mismatch); the run cannot continue exactly from it. --checkpoint "
+             f"{path.parent}/checkpoints/<file>.ckpt starts a new run from saved networks")
+    return header, serialization.msgpack_restore(body)
 
 
 def check_inputs(args, algorithm: str) -> tuple[Optional[dict], Path]:
@@ -73,6 +179,8 @@ def check_inputs(args, algorithm: str) -> tuple[Optional[dict], Path]:
             gym.spec(args.env_id)
         except gym.error.Error as e:  # gymnasium's message says "Did you mean" where it can
             fail(f"unknown env id {args.env_id!r}: {e}")
+    if getattr(args, "max_episode_steps", 0) is None:
+        fail(f"{args.env_id} registers no max_episode_steps; give the episode horizon with --max-episode-steps")
     for name in ("total_timesteps", "num_envs", "num_eval_envs", "num_eval_episodes", "steps_per_env",
                  "grad_updates_per_step", "eval_freq", "save_freq", "log_freq", "buffer_size", "batch_size",
                  "max_episode_steps", "actor_update_freq", "num_qs"):
@@ -92,7 +200,7 @@ def check_inputs(args, algorithm: str) -> tuple[Optional[dict], Path]:
         except ImportError:
             fail("--track needs Weights & Biases: pip install wandb (or drop --track)")
     ckpt = load_checkpoint(args.checkpoint, algorithm, args) if args.checkpoint else None
-    return ckpt, run_dir_for(args, algorithm)
+    return ckpt, Path(args.resume) if getattr(args, "resume", None) else run_dir_for(args, algorithm)
 
 
 def check_gpu_simulation() -> None:
@@ -129,29 +237,39 @@ def run_dir_for(args, algorithm: str) -> Path:
 
 
 def make_run_dir(run_dir: Path, args) -> None:
-    (run_dir / "checkpoints").mkdir(parents=True)
-    (run_dir / "videos").mkdir()
+    """runs/<exp-name>/ with args.json; on --resume the directory exists and args.json gets the changed flags."""
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=bool(getattr(args, "resume", None)))
+    (run_dir / "videos").mkdir(exist_ok=bool(getattr(args, "resume", None)))
     write_json(run_dir / "args.json", dataclasses.asdict(args))
 
 
-def open_writer(run_dir: Path, args):
+def open_writer(run_dir: Path, args, resume_step: Optional[int] = None):
     """TensorBoard writer with the hyper-parameters as text. With --track, W&B starts first: its TensorBoard
-    sync patches the writer, so a writer made before wandb.init would send it nothing."""
+    sync patches the writer, so a writer made before wandb.init would send it nothing. On --resume at step N the
+    writer continues the same directory and drops any event after N (written after the resume state, before the
+    stop), so every tag has each step once."""
     if args.track:
         import wandb
 
         wandb.init(project=args.wandb_project_name, name=args.exp_name, config=dataclasses.asdict(args),
-                   sync_tensorboard=True, save_code=True, dir=str(run_dir))
+                   sync_tensorboard=True, save_code=True, dir=str(run_dir), id=args.exp_name, resume="allow")
+    if resume_step is not None:
+        return SummaryWriter(str(run_dir), purge_step=resume_step + 1)
     writer = SummaryWriter(str(run_dir))
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
         f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items()))
     return writer
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a hidden temporary file beside `path`, then rename: a reader never sees half a file."""
+def write_atomic(path: Path, data) -> None:
+    """Write `data` (bytes, or a list of bytes) to a hidden temporary file beside `path`, flush it to disk, then
+    rename: a reader never sees half a file, and a crash leaves the previous file whole."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
+    with open(tmp, "wb") as f:
+        for chunk in [data] if isinstance(data, (bytes, bytearray)) else data:
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -257,20 +375,74 @@ def generate_demos(env_id: str, obs_mode: str, control_mode: str, num_demos: int
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix=".tmp", dir=final_dir) as tmp:
         tmp = Path(tmp)
-        _run([sys.executable, "-m", "mani_skill.examples.motionplanning.panda.run", "-e", env_id,
-              "-n", str(n_gen), "--only-count-success", "--record-dir", str(tmp), "--traj-name", name],
+        stats_path = tmp / "planner_stats.json"
+        _run([sys.executable, str(Path(__file__).resolve()), "plan-demos", env_id, str(n_gen),
+              str(planner_attempts(n_gen)), str(tmp / name), str(stats_path)],
              tmp, f"generating {n_gen} demos with the motion planner")
-        raw = tmp / env_id / "motionplanning" / f"{name}.h5"
+        stats = _read_json(stats_path)
+        print(f"[demos] planner: {stats['successes']}/{stats['attempts']} attempts solved "
+              f"{env_id}, {stats['seconds_per_success']:.1f} s per demo", flush=True)
+        if stats["successes"] < n_gen:
+            raise DemoError(f"ManiSkill's motion planner solved {env_id} only {stats['successes']} times in "
+                            f"{stats['attempts']} attempts (budget 3 per demo + 10); record demos another way "
+                            "and pass --dataset-path, or ask for fewer with --num-demos")
+        raw = tmp / f"{name}.h5"
         out = _convert(raw, obs_mode, control_mode, tmp)
         n_ok = len(_read_json(out.with_suffix(".json"))["episodes"])
         if n_ok < num_demos:
             raise DemoError(f"only {n_ok}/{n_gen} planner demos of {env_id} converted to {control_mode}; "
                             f"ask for fewer (--num-demos {n_ok}) or another --control-mode")
         # the raw pd_joint_pos file is kept too: it is the source the converted one came from
+        os.replace(stats_path, final_dir / f"{name}.planner.json")
         for src in (raw, raw.with_suffix(".json"), out, out.with_suffix(".json")):
             os.replace(src, final_dir / src.name)
     print(f"[demos] {n_ok} demos of {env_id} cached in {final_dir} ({time.time() - t0:.1f} s)", flush=True)
     return final_dir / out.name
+
+
+def planner_attempts(num_demos: int) -> int:
+    """Retry budget of the motion planner: 3 attempts per demo + 10, then a clear error instead of a hang
+    (ManiSkill's own runner retries forever on a task its planner cannot solve)."""
+    return 3 * num_demos + 10
+
+
+def plan_demos(env_id: str, num_demos: int, max_attempts: int, out_stem: str) -> dict:
+    """Run ManiSkill's motion-planning solution of env_id on seeds 0, 1, ... until num_demos succeed or
+    max_attempts are spent; record the successful ones (pd_joint_pos, env states) to out_stem.h5/.json like
+    mani_skill.examples.motionplanning.panda.run does. Returns the planner's statistics. Run in a subprocess
+    (generate_demos): the planners' native code can crash its process."""
+    from mani_skill.examples.motionplanning.panda.run import MP_SOLUTIONS
+    from mani_skill.utils.wrappers.record import RecordEpisode
+
+    env = gym.make(env_id, obs_mode="none", control_mode="pd_joint_pos", render_mode="rgb_array",
+                   sim_backend="cpu")
+    out = Path(out_stem)
+    env = RecordEpisode(env, output_dir=str(out.parent), trajectory_name=out.name, save_video=False,
+                        source_type="motionplanning",
+                        source_desc="official motion planning solution from ManiSkill contributors",
+                        record_reward=False, save_on_reset=False)
+    lengths, seconds, attempts, t_all = [], [], 0, time.time()
+    with tqdm(total=num_demos, desc=f"planning {env_id}") as bar:
+        while len(lengths) < num_demos and attempts < max_attempts:
+            t0 = time.time()
+            try:
+                res = MP_SOLUTIONS[env_id](env, seed=attempts, debug=False, vis=False)
+            except Exception as e:  # noqa: BLE001 - a failed plan is one failed attempt, as in ManiSkill's runner
+                print(f"planner error on seed {attempts}: {e}", flush=True)
+                res = -1
+            attempts += 1
+            if res != -1 and bool(res[-1]["success"].item()):
+                env.flush_trajectory()
+                lengths.append(int(res[-1]["elapsed_steps"].item()))
+                seconds.append(time.time() - t0)
+                bar.update(1)
+            else:
+                env.flush_trajectory(save=False)
+    env.close()
+    total = time.time() - t_all
+    return dict(env_id=env_id, attempts=attempts, successes=len(lengths), success_rate=len(lengths) / attempts,
+                seconds_total=total, seconds_per_success=total / max(len(lengths), 1),
+                seconds_per_attempt=total / attempts, lengths=lengths)
 
 
 def _download_demos(env_id: str, obs_mode: str, control_mode: str) -> Path | None:
@@ -650,12 +822,26 @@ class RunLog:
 
     def __init__(self, args, run_dir: Path, writer):
         self.args, self.run_dir, self.writer = args, run_dir, writer
-        self.seconds = {"simulation": 0.0, "update": 0.0, "eval": 0.0}
+        self.seconds = {"simulation": 0.0, "update": 0.0, "eval": 0.0, "save": 0.0}
         self.last = {"log": 0, "eval": 0, "save": 0}  # env step of the last of each
         self.episodes = {"return": [], "success_at_end": [], "success_once": []}
         self.last_success = float("nan")
         self.t_start = time.time()
         self.pbar = tqdm(total=args.total_timesteps, unit="step", dynamic_ncols=True, smoothing=0.05)
+
+    def state_dict(self) -> dict:
+        """The schedule, the time split, wall-clock so far and the finished episodes not yet logged (--resume)."""
+        return {"last": dict(self.last), "seconds": dict(self.seconds), "episodes": self.episodes,
+                "last_success": self.last_success, "elapsed": time.time() - self.t_start}
+
+    def load_state_dict(self, d: dict, step: int) -> None:
+        self.last = {k: int(v) for k, v in d["last"].items()}
+        self.seconds = {k: float(v) for k, v in d["seconds"].items()}
+        self.episodes = {k: [float(x) for x in v] for k, v in d["episodes"].items()}
+        self.last_success = float(d["last_success"])
+        self.t_start = time.time() - float(d["elapsed"])  # SPS and the time split continue over the whole run
+        self.pbar.reset(total=self.args.total_timesteps)
+        self.pbar.update(step)
 
     @contextlib.contextmanager
     def timed(self, part: str):
@@ -681,6 +867,7 @@ class RunLog:
         s = self.seconds
         out = {"charts/SPS": step / elapsed, "time/simulation_frac": s["simulation"] / elapsed,
                "time/update_frac": s["update"] / elapsed, "time/eval_frac": s["eval"] / elapsed,
+               "time/save_frac": s["save"] / elapsed,
                "time/other_frac": 1 - sum(s.values()) / elapsed, **scalars}
         if self.episodes["return"]:
             out.update({"charts/episodic_return": np.mean(self.episodes["return"]),
@@ -716,9 +903,8 @@ class RunLog:
         print(json.dumps(summary))
         self.writer.close()
         if stop:
-            print(f"stopped by {stop.name} at env step {step}: networks saved in "
-                  f"{self.run_dir / 'checkpoints' / f'step_{step:08d}.ckpt'}; --checkpoint starts a new run from them "
-                  f"(buffers and curricula are not saved)", file=sys.stderr)
+            print(f"stopped by {stop.name} at env step {step}; continue with: python {Path(sys.argv[0]).name} "
+                  f"--resume {self.run_dir}", file=sys.stderr)
         return summary
 
 
@@ -834,3 +1020,12 @@ class VideoRecorder(gym.Wrapper):
             imageio.mimsave(tmp, self.frames, fps=self.fps)
             os.replace(tmp, path)
         self.frames = []
+
+
+if __name__ == "__main__":
+    # python common.py plan-demos ENV_ID NUM_DEMOS MAX_ATTEMPTS OUT_STEM STATS_JSON  (used by generate_demos)
+    if len(sys.argv) == 7 and sys.argv[1] == "plan-demos":
+        _, _, env_id_, n_, budget_, stem_, stats_ = sys.argv
+        write_json(Path(stats_), plan_demos(env_id_, int(n_), int(budget_), stem_))
+    else:
+        fail("usage: python common.py plan-demos ENV_ID NUM_DEMOS MAX_ATTEMPTS OUT_STEM STATS_JSON")

@@ -8,6 +8,7 @@ checkpoint files, run directory) is in common.py.
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 import warnings
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import struct
+from flax import serialization, struct
 from flax.training.train_state import TrainState
 
 import common
@@ -36,7 +37,8 @@ class Args:
     preset: Literal["walltime", "sample-efficient"] = "walltime"
     """hyper-parameter preset; every other flag given on the command line overrides it. `walltime`:
     8 envs x 4 steps, 16 updates, 2 critics. `sample-efficient`: 1 env x 1 step, UTD 16, 10 critics
-    with the target min over 2, episodes of up to 100 steps"""
+    with the target min over 2. The episode horizon is the task's in both (the published sample-efficient
+    command ran PickCube with 100 steps: add --max-episode-steps 100 to match it)"""
     exp_name: Optional[str] = None
     """run name: everything goes to runs/<exp-name>/ (default: <env-id>__rlpd__<seed>__<unix time>)"""
     seed: int = 1
@@ -59,8 +61,9 @@ class Args:
     """parallel training envs"""
     num_eval_envs: int = 8
     """parallel eval envs"""
-    max_episode_steps: int = 50
-    """episode length of training and eval episodes"""
+    max_episode_steps: Optional[int] = None
+    """episode length of training and eval episodes (default: the env's registered max_episode_steps: 50 for
+    PickCube, StackCube, PushCube; 100 for PegInsertionSide, PullCubeTool; 200 for PlugCharger)"""
     render_size: int = 256
     """side of eval video frames in pixels (CPU rendering costs ~ size^2)"""
 
@@ -92,7 +95,11 @@ class Args:
     capture_video: bool = True
     """save an mp4 of eval env 0's first episode at each evaluation"""
     checkpoint: Optional[str] = None
-    """checkpoint to start from (networks and temperature), or to evaluate with --evaluate"""
+    """checkpoint to start a new run from (networks and temperature), or to evaluate with --evaluate"""
+    resume: Optional[str] = None
+    """continue the run in this directory (runs/<exp-name>) exactly where its resume state left it (written every
+    --save-freq steps, at the end, and on Ctrl-C / SIGTERM). Its args.json fixes every flag except
+    --total-timesteps, --eval-freq, --save-freq, --capture-video and --num-eval-episodes"""
     evaluate: bool = False
     """only evaluate --checkpoint (with video) and print the metrics"""
 
@@ -130,7 +137,18 @@ class Args:
 PRESETS = {
     "walltime": Args(),
     "sample-efficient": Args(preset="sample-efficient", num_envs=1, steps_per_env=1, grad_updates_per_step=16,
-                             num_qs=10, num_min_qs=2, num_seed_steps=5_000, eval_freq=5_000, max_episode_steps=100),
+                             num_qs=10, num_min_qs=2, num_seed_steps=5_000, eval_freq=5_000),
+}
+
+# Per-task values, over the preset's defaults (the episode horizon comes from the env's registered
+# max_episode_steps). RLPD has no published per-task ManiSkill3 configs: these are the SAC-core values of the
+# published RFCL configs (discount, batch, buffer), which depend on the task, not on the curriculum. Tasks not
+# listed use the class defaults. A preset's own values and every flag given on the command line override these.
+TASK_DEFAULTS = {
+    "PickCube-v1": dict(gamma=0.9),
+    "StackCube-v1": dict(gamma=0.9),
+    "PegInsertionSide-v1": dict(gamma=0.99),
+    "PlugCharger-v1": dict(gamma=0.95, batch_size=512, buffer_size=2_000_000),
 }
 
 
@@ -353,6 +371,19 @@ class ReplayBuffer:
         self.ptr = (self.ptr + n) % self.capacity
         self.size = min(self.size + n, self.capacity)
 
+    def state_dict(self) -> dict:
+        """The filled part only (a resume state holds no empty capacity)."""
+        return {"capacity": self.capacity, "ptr": self.ptr, "size": self.size,
+                "data": {k: np.asarray(v[:self.size]) for k, v in self.data.items()}}
+
+    @classmethod
+    def from_state_dict(cls, d: dict) -> ReplayBuffer:
+        first = d["data"]["obs"]
+        buf = cls(int(d["capacity"]), first.shape[1], d["data"]["actions"].shape[1])
+        buf.data = {k: v.at[:len(first)].set(jnp.asarray(d["data"][k])) for k, v in buf.data.items()}
+        buf.ptr, buf.size = int(d["ptr"]), int(d["size"])
+        return buf
+
 
 def demo_buffer(demos, masks) -> ReplayBuffer:
     n = len(demos.rewards)
@@ -365,9 +396,29 @@ def demo_buffer(demos, masks) -> ReplayBuffer:
 # ======================================================================================================
 # The training loop
 # ======================================================================================================
+def resume_state(state: SACState, key, rng, online: ReplayBuffer, loop: dict, run: common.RunLog) -> dict:
+    """What --resume restores: the learner with its optimizer states, the JAX key, the numpy generator (random
+    actions, training seeds), the online buffer (filled part), the loop counters and the schedule. The offline
+    buffer is rebuilt from the demos. Saved only at save points, after which every env starts a new episode (also
+    in a run that goes on): the episodes running there end unjudged, so no simulator or episode state is saved."""
+    return {"sac": serialization.to_state_dict(jax.device_get(state)), "key": np.asarray(key),
+            "rng": json.dumps(rng.bit_generator.state), "online": online.state_dict(), "loop": loop,
+            "run": run.state_dict()}
+
+
+def restore(saved: dict, state: SACState, rng):
+    """The inverse of resume_state: loads the generator in place and returns (state, key, online, loop)."""
+    state = jax.tree_util.tree_map(jnp.asarray, serialization.from_state_dict(state, saved["sac"]))
+    rng.bit_generator.state = json.loads(saved["rng"])
+    return (state, jnp.asarray(saved["key"], jnp.uint32), ReplayBuffer.from_state_dict(saved["online"]),
+            saved["loop"])
+
+
 def main(args: Args) -> None:
     warnings.filterwarnings("ignore", module="mani_skill")
     ckpt, run_dir = common.check_inputs(args, ALGORITHM)  # nothing is built or written before this
+    # --resume: the whole state is read and checked before anything is built or written
+    resumed = common.load_resume_state(run_dir / common.RESUME_FILE, ALGORITHM)[1] if args.resume else None
     if args.evaluate:
         actor = Actor(int(ckpt["act_dim"]), tuple(ckpt["hidden_dims"]))
         common.evaluate_checkpoint(args, ckpt, run_dir, jax.jit(partial(deterministic_action, actor,
@@ -395,7 +446,18 @@ def main(args: Args) -> None:
     policy_det = jax.jit(partial(deterministic_action, actor))
     offline = demo_buffer(demos, bootstrap_masks(demos.terminated, args.bootstrap_at_done))
     online = ReplayBuffer(args.buffer_size, obs_dim, act_dim)
-    writer = common.open_writer(run_dir, args)
+    global_step, grad_updates, info = 0, 0, {}
+
+    # ---- --resume: the learner, the online buffer, the generators and the schedule as saved ----------------
+    if resumed:
+        state, key, online, loop = restore(resumed, state, rng)
+        global_step, grad_updates = loop["global_step"], loop["grad_updates"]
+        print(f"resumed at env step {global_step} (online buffer {online.size})", flush=True)
+    writer = common.open_writer(run_dir, args, resume_step=global_step if resumed else None)
+    run, stop = common.RunLog(args, run_dir, writer), common.StopRequest()
+    if resumed:
+        run.load_state_dict(resumed["run"], global_step)
+        del resumed
 
     n = args.num_envs
     ep_len, ep_ret, ep_once = np.zeros(n, int), np.zeros(n), np.zeros(n, bool)
@@ -407,9 +469,8 @@ def main(args: Args) -> None:
         return envs.reset(mask, seeds)
 
     obs = start_episodes(np.ones(n, bool))
-    global_step, grad_updates, info = 0, 0, {}
-    run, stop = common.RunLog(args, run_dir, writer), common.StopRequest()
-    while global_step < args.total_timesteps and not stop:
+    done = False
+    while not done:
         # ---- collect num_envs * steps_per_env transitions: uniform random actions for --num-seed-steps ----------
         with run.timed("simulation"):
             for _ in range(args.steps_per_env):
@@ -453,19 +514,29 @@ def main(args: Args) -> None:
             run.log(global_step, update_metrics(jax.device_get(info)) if learning else {})
         if run.due("eval", global_step):
             run.evaluate(eval_envs, partial(policy_det, state.actor.params), global_step)
-        if run.due("save", global_step):
-            common.save_checkpoint(run_dir / "checkpoints" / f"step_{global_step:08d}.ckpt", ALGORITHM, args,
-                                   obs_dim, act_dim, networks(state), global_step)
-    last = f"step_{global_step:08d}.ckpt" if stop else "final.ckpt"
-    common.save_checkpoint(run_dir / "checkpoints" / last, ALGORITHM, args, obs_dim, act_dim, networks(state),
-                           global_step)
-    run.finish(global_step, stop, grad_updates=grad_updates)
+        stopping = bool(stop)  # a signal stops the run here, at an iteration boundary
+        done = stopping or global_step >= args.total_timesteps
+        saving = run.due("save", global_step)
+        names = [f"step_{global_step:08d}.ckpt"] * (saving or stopping) + ["final.ckpt"] * (done and not stopping)
+        for name in names:
+            common.save_checkpoint(run_dir / "checkpoints" / name, ALGORITHM, args, obs_dim, act_dim,
+                                   networks(state), global_step)
+        # ---- a save point: every --save-freq steps, at the end, on a stop signal ------------------------------
+        if saving or done:
+            writer.flush()  # tensorboard holds every step up to here before the state that resumes after it
+            loop = {"global_step": global_step, "grad_updates": grad_updates}
+            run.seconds["save"] += common.save_resume_state(run_dir / common.RESUME_FILE, ALGORITHM, args,
+                                                            global_step, 1, resume_state(state, key, rng, online,
+                                                                                         loop, run))
+            if not done:  # as after a resume: every env starts a new episode, so a resumed run repeats this one
+                obs = start_episodes(np.ones(n, bool))
+    run.finish(global_step, stop if stopping else None, grad_updates=grad_updates)
     envs.close()
     eval_envs.close()
-    if stop:
+    if stopping:
         sys.exit(stop.exit_code)
 
 if __name__ == "__main__":
     # until the loop takes over SIGTERM, a plain `kill` is a normal exit, so the env workers are reaped
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    main(common.parse_args(Args, PRESETS, __doc__))
+    main(common.parse_args(Args, PRESETS, __doc__, task_defaults=TASK_DEFAULTS, algorithm=ALGORITHM))

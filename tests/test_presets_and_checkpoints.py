@@ -20,7 +20,8 @@ SHARED = {"exp_name": None, "seed": 1, "track": False, "env_id": "PickCube-v1", 
           "checkpoint": None, "evaluate": False, "gamma": 0.9, "tau": 0.005, "batch_size": 256,
           "learning_rate": 3e-4, "hidden_dims": (256, 256, 256), "num_qs": 2, "num_min_qs": 2, "actor_update_freq": 1,
           "init_temperature": 0.01, "target_entropy_scale": 0.5, "backup_entropy": False, "bootstrap_at_done": "always"}
-RFCL = {**SHARED, "preset": "fast", "wandb_project_name": "rfcl-jax", "num_demos": 5, "reverse_step_size": 4,
+RFCL = {**SHARED, "preset": "fast", "wandb_project_name": "rfcl-jax", "num_demos": 5, "demo_action_scale": 1.0,
+        "reverse_step_size": 4,
         "per_demo_buffer_size": 3, "demo_horizon_to_max_steps_ratio": 3.0, "reverse_solved_frac": 0.9,
         "curriculum_success": "once", "curriculum_policy": "stochastic", "num_seeds": 1000, "plr_temperature": 0.1,
         "plr_staleness_coef": 0.1, "plr_history": 5}
@@ -32,7 +33,7 @@ EXPECTED = {
                                  "actor_update_freq": 20, "num_qs": 10, "eval_freq": 5000},
     (rlpd, "walltime"): RLPD,
     (rlpd, "sample-efficient"): {**RLPD, "preset": "sample-efficient", "num_envs": 1, "steps_per_env": 1,
-                                 "num_qs": 10, "eval_freq": 5000, "max_episode_steps": 100},
+                                 "num_qs": 10, "eval_freq": 5000},
 }
 
 
@@ -42,6 +43,34 @@ def test_every_value_of_every_preset(algo, preset):
     assert dataclasses.asdict(args) == EXPECTED[algo, preset]
     over = common.parse_args(algo.Args, algo.PRESETS, "", ["--num-qs", "5", "--preset", preset, "--gamma", "0.99"])
     assert dataclasses.asdict(over) == {**EXPECTED[algo, preset], "num_qs": 5, "gamma": 0.99}, "flags beat presets"
+
+
+@pytest.mark.parametrize("algo", [rfcl, rlpd], ids=lambda m: m.__name__)
+def test_per_task_defaults_horizon_from_the_registry_and_flags_win(algo, capsys):
+    parse = lambda *argv: common.parse_args(algo.Args, algo.PRESETS, "", list(argv), algo.TASK_DEFAULTS)  # noqa: E731
+    plug = parse("--env-id", "PlugCharger-v1")
+    assert (plug.max_episode_steps, plug.gamma, plug.batch_size, plug.buffer_size) == (200, 0.95, 512, 2_000_000)
+    if algo is rfcl:
+        assert (plug.demo_horizon_to_max_steps_ratio, plug.reverse_step_size, plug.demo_action_scale) == (1.25, 2, 1.25)
+    out = capsys.readouterr().out
+    assert "[PlugCharger-v1] per-task defaults: --max-episode-steps 200, --gamma 0.95, --batch-size 512" in out
+    # every flag on the command line wins over the task's value, in either spelling; the others still apply
+    over = parse("--gamma", "0.8", "--env-id=PlugCharger-v1", "--max_episode_steps", "30", "--preset", "sample-efficient")
+    assert (over.gamma, over.max_episode_steps, over.batch_size, over.num_qs) == (0.8, 30, 512, 10)
+    assert "--gamma" not in capsys.readouterr().out.split("per-task defaults:")[1]
+    assert parse("--env-id", "PullCubeTool-v1").max_episode_steps == 100       # registered, no table entry
+    assert parse("--env-id", "PegInsertionSide-v1", "--preset", "sample-efficient").gamma == 0.99
+    push = parse("--env-id", "PushCube-v1")                                     # unlisted: the class defaults
+    assert dataclasses.asdict(push) == {**dataclasses.asdict(parse()), "env_id": "PushCube-v1"}
+
+
+def test_per_task_values_are_recorded_in_args_json(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = common.parse_args(rfcl.Args, rfcl.PRESETS, "", ["--env-id", "PegInsertionSide-v1", "--exp-name", "t"],
+                             rfcl.TASK_DEFAULTS)
+    common.make_run_dir(common.run_dir_for(args, "rfcl"), args)
+    saved = json.loads((tmp_path / "runs" / "t" / "args.json").read_text())
+    assert (saved["gamma"], saved["max_episode_steps"]) == (0.99, 100)
 
 
 # ---- curricula, by hand ----------------------------------------------------------------------------------------

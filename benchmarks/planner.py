@@ -1,0 +1,84 @@
+"""ManiSkill's motion planners as demo sources: per task, the planner's success rate, seconds per demo and demo
+lengths, and how many planner demos survive conversion to the training controller.
+
+    python benchmarks/planner.py                                   # the eight tasks below, 100 demos each
+    python benchmarks/planner.py --env-ids PushCube-v1 --num-demos 20
+
+Each task's demos are generated with common.generate_demos, exactly what rfcl.py / rlpd.py do when no demos are
+cached, into ManiSkill's demo folder (so later runs use them). Writes <out>/planner.{json,md}; a task's row is
+merged into an existing file, so tasks can be run one at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import tyro
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
+
+TASKS = ["PushCube-v1", "PullCube-v1", "StackCube-v1", "LiftPegUpright-v1", "PullCubeTool-v1", "PlaceSphere-v1",
+         "PegInsertionSide-v1", "PlugCharger-v1"]
+
+
+@dataclass
+class Args:
+    env_ids: list[str] = field(default_factory=lambda: list(TASKS))
+    """tasks to generate demos for"""
+    num_demos: int = 100
+    """converted demos wanted per task (the planner makes 10% more, at least 2 more)"""
+    obs_mode: str = "state"
+    """observation mode of the converted demos"""
+    control_mode: str = "pd_joint_delta_pos"
+    """controller the demos are converted to"""
+    out: str = "benchmarks/results"
+    """folder of planner.json / planner.md"""
+
+
+def table(rows: dict) -> str:
+    lines = ["| task | planner success | s per demo | demo length: mean (min-max) | converted | status |",
+             "|---|---|---|---|---|---|"]
+    for env_id, r in rows.items():
+        if "error" in r and "attempts" not in r:
+            lines.append(f"| {env_id} | - | - | - | - | {r['error']} |")
+            continue
+        lens = np.array(r["lengths"]) if r["lengths"] else np.zeros(1)
+        lines.append(f"| {env_id} | {r['successes']}/{r['attempts']} ({r['success_rate']:.0%}) | "
+                     f"{r['seconds_per_success']:.1f} | {lens.mean():.0f} ({lens.min()}-{lens.max()}) | "
+                     f"{r.get('converted', '-')} | {r.get('error', 'ok')} |")
+    return "\n".join(lines)
+
+
+def main(args: Args) -> None:
+    out = Path(args.out)
+    path = out / "planner.json"
+    rows = json.loads(path.read_text()) if path.exists() else {}
+    for env_id in args.env_ids:
+        t0 = time.time()
+        try:
+            h5 = common.generate_demos(env_id, args.obs_mode, args.control_mode, args.num_demos)
+            stats = json.loads(h5.with_name(h5.name.split(".")[0] + ".planner.json").read_text())
+            stats["converted"] = len(json.loads(h5.with_suffix(".json").read_text())["episodes"])
+            stats["file"] = str(h5)
+        except common.DemoError as e:
+            stats = dict(error=str(e))
+        stats["wall_s"] = time.time() - t0
+        rows[env_id] = stats
+        common.write_json(path, rows)
+        md = (f"# ManiSkill motion planners as demo sources\n\n`python benchmarks/planner.py` on a "
+              f"{os.cpu_count()}-core CPU, {args.num_demos} demos per task ({args.control_mode}, {args.obs_mode}); seconds include "
+              f"failed attempts.\n\n{table(rows)}\n")
+        common.write_atomic(out / "planner.md", md.encode())
+        print(table({env_id: stats}), flush=True)
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
