@@ -626,8 +626,10 @@ class CPUWorkerEnv(gym.Wrapper):
         self.recorder = VideoRecorder(env) if record else None
         super().__init__(CPUGymWrapper(self.recorder or env))
         self.idx, self.demos = idx, demos
-        # Ctrl-C in a terminal reaches every process of the group: the main process decides when to stop
+        # Ctrl-C in a terminal, `timeout` and Slurm signal every process of the group or job step: the main process
+        # decides when to stop (StopRequest) and closes this worker; a worker whose main process dies sees its pipe close
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     def reset(self, seed=None, options=None):
         start = (options or {}).get("demo_starts", [None] * (self.idx + 1))[self.idx]
@@ -896,7 +898,7 @@ class RunLog:
         if stop is not None:
             stop.restore()
         summary = {"global_step": step, "stopped_by": stop.name if stop else None, **extra,
-                   "eval_success_at_end": self.last_success,
+                   "eval_success_at_end": None if np.isnan(self.last_success) else self.last_success,
                    "wall_clock_s": time.time() - self.t_start,
                    **{f"time_{k}_s": v for k, v in self.seconds.items()}}
         write_json(self.run_dir / "summary.json", summary)
