@@ -68,8 +68,14 @@ def test_an_existing_run_directory_is_never_overwritten(tiny_run):
     assert {p: p.stat().st_mtime for p in run_dir.rglob("*")} == before
 
 
-def test_bad_input_errors_are_one_line(tiny_run, demo_path, tmp_path):
+def test_bad_input_errors_are_one_line(tiny_run, demo_path, tmp_path, monkeypatch):
+    """Each case as `python rfcl.py ...` would run it, in this process (the message is what sys.exit prints;
+    the subprocess test above shows the same path ends in one line on stderr)."""
+    import common
+    import rfcl
+
     cwd, run_dir, _ = tiny_run
+    monkeypatch.chdir(cwd)
     cases = [
         (["--env-id", "PickCub-v1"], "error: unknown env id 'PickCub-v1': Environment `PickCub` doesn't exist. "
                                      "Did you mean: `PickCube`?"),
@@ -89,11 +95,11 @@ def test_bad_input_errors_are_one_line(tiny_run, demo_path, tmp_path):
     if importlib.util.find_spec("wandb") is None:
         cases.append((["--track"], "error: --track needs Weights & Biases: pip install wandb"))
     for i, (extra, start) in enumerate(cases):
-        proc = run_script([str(ROOT / "rfcl.py"), "--exp-name", f"bad{i}", *extra], cwd, check=False, timeout=300)
-        assert proc.returncode != 0, extra
-        line = error_line(proc)
-        assert line.startswith(start), (extra, line)
-        assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        with pytest.raises(SystemExit) as e:
+            rfcl.main(common.parse_args(rfcl.Args, rfcl.PRESETS, "", ["--exp-name", f"bad{i}", *extra],
+                                        rfcl.TASK_DEFAULTS, rfcl.ALGORITHM))
+        line = str(e.value.code)
+        assert line.startswith(start) and "\n" not in line, (extra, line)
         assert not (cwd / "runs" / f"bad{i}").exists(), "a rejected command leaves no run directory behind"
     assert {p.name for p in (cwd / "runs").iterdir()} <= {"tiny", "tiny_eval"}
     assert not (tmp_path / "abs").exists() and not (cwd.parent / "escaped").exists()
@@ -157,33 +163,51 @@ def test_stage_switch_saves_stage1_and_the_policy_seeds_before_updates_resume(de
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
-def test_a_stop_signal_saves_and_exits_cleanly(sig, demo_path, tmp_path):
-    """Ctrl-C reaches the whole process group (the env workers too); a plain kill or Slurm's warning only the
-    main process. Either way the run stops at the next iteration, saves its networks and says so in one line."""
+def test_a_stop_signal_saves_exits_cleanly_and_the_run_resumes(sig, demo_path, tmp_path):
+    """Ctrl-C in a terminal, `timeout` and Slurm signal the whole process group (the env workers too). The run stops
+    at the next iteration, saves its networks and its resume state, and says in one line how to go on. With SIGTERM,
+    mid-stage-1: `--resume` continues to --total-timesteps, every tag at each step once."""
+    total = 100_000
     proc = subprocess.Popen([sys.executable, str(ROOT / "rfcl.py"), "--exp-name", "stop", "--num-demos", "2",
-                             "--total-timesteps", "1000000", "--num-seed-steps", "1000000", "--num-envs", "2",
-                             "--num-eval-envs", "2", "--no-capture-video", "--log-freq", "50"],
+                             "--total-timesteps", str(total), "--num-seed-steps", "200", "--num-envs", "2",
+                             "--grad-updates-per-step", "2", "--batch-size", "32", "--hidden-dims", "32", "32",
+                             "--num-eval-envs", "2", "--num-eval-episodes", "2", "--eval-freq", "400",
+                             "--no-capture-video", "--log-freq", "50"],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    events = tmp_path / "runs" / "stop"
+    run_dir = tmp_path / "runs" / "stop"
     deadline = time.time() + 240
-    while time.time() < deadline and not any(events.glob("events.out.tfevents.*")):
+    while time.time() < deadline and not any(run_dir.glob("events.out.tfevents.*")):
         time.sleep(1)
-    time.sleep(8)  # a few logged iterations
+    time.sleep(8)  # a few logged iterations, past the seed steps
     t0 = time.time()
-    os.killpg(proc.pid, sig) if sig == signal.SIGINT else proc.send_signal(sig)
+    os.killpg(proc.pid, sig)
     out, err = proc.communicate(timeout=120)
     stop_seconds = time.time() - t0
     assert proc.returncode == 128 + sig, err[-2000:]
     assert "Traceback" not in err, err[-3000:]
     last = [line for line in err.splitlines() if line.strip()][-1]
     assert last.startswith(f"stopped by {sig.name} at env step "), last
-    step = int(last.split("at env step ")[1].split(":")[0])
-    ckpt = common_ckpt(events / "checkpoints" / f"step_{step:08d}.ckpt")
-    assert ckpt["global_step"] == step > 0
-    summary = json.loads((events / "summary.json").read_text())
-    assert summary["stopped_by"] == sig.name and summary["global_step"] == step
-    assert stop_seconds < 60, stop_seconds
+    assert last.endswith(f"; continue with: python rfcl.py --resume {os.path.join('runs', 'stop')}"), last
+    step = int(last.split("at env step ")[1].split(";")[0])
+    ckpt = common_ckpt(run_dir / "checkpoints" / f"step_{step:08d}.ckpt")
+    assert ckpt["global_step"] == step > 200
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["stopped_by"] == sig.name and summary["global_step"] == step and summary["stage"] == 1
+    assert stop_seconds < 30, stop_seconds
+    if sig == signal.SIGINT:
+        return
+    end = step + 160
+    run_script([str(ROOT / "rfcl.py"), "--resume", "runs/stop", "--total-timesteps", str(end)], tmp_path)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["global_step"] == end and summary["stopped_by"] is None
+    assert json.loads((run_dir / "args.json").read_text())["total_timesteps"] == end
+    scalars = read_scalars(run_dir)
+    for tag in ("losses/qf_loss", "charts/SPS", "curriculum/start_step_frac_mean"):
+        steps = [s for s, _ in scalars[tag]]
+        assert steps == sorted(set(steps)), f"{tag}: a step twice or out of order"
+        assert end - 58 < steps[-1] <= end and any(s <= step for s in steps) and any(s > step for s in steps), tag
+        assert max(np.diff(steps)) <= 50 + 8, f"{tag}: a gap in the logged series"
 
 
 def common_ckpt(path):
