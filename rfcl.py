@@ -612,7 +612,8 @@ def switch_to_stage2(state: SACState, online: ReplayBuffer, reverse: ReverseCurr
     - The networks, optimizer states and temperature carry over. As published, updates pause until the policy
       has put --num-seed-steps transitions into the new online buffer (the loop's update gate), so its half of
       each minibatch is not a few hundred transitions drawn over and over.
-    The caller then restarts every env on a forward-curriculum seed.
+    It is called at the end of an iteration; the save point that follows restarts every env on a forward-curriculum
+    seed (the stage-1 episodes running then end unjudged).
     """
     common.save_checkpoint(run_dir / "checkpoints" / "stage1.ckpt", ALGORITHM, args, obs_dim, act_dim,
                            networks(state), global_step, {"stage": 1, **reverse.state_dict()})
@@ -705,6 +706,7 @@ def main(args: Args) -> None:
     done, switched = False, False
     while not done:
         # ---- collect num_envs * steps_per_env transitions ---------------------------------------------
+        reported = False
         with run.timed("simulation"):
             for _ in range(args.steps_per_env):
                 # actions: uniform at random for the first --num-seed-steps of stage 1, the policy from then on
@@ -727,6 +729,7 @@ def main(args: Args) -> None:
                 obs = next_obs
                 global_step += n
                 if ended.any():
+                    reported = True
                     judged = eps.once if args.curriculum_success == "once" else success
                     for j in np.flatnonzero(ended):
                         run.episode_ended(eps.ret[j], success[j], eps.once[j])
@@ -734,12 +737,13 @@ def main(args: Args) -> None:
                             reverse.report(eps.demo[j], eps.start[j], bool(judged[j]))
                         else:
                             forward.report(eps.seed_idx[j], bool(judged[j]))
-                    if stage == 1 and reverse.done:
-                        offline, online = switch_to_stage2(state, online, reverse, args, run_dir, writer,
-                                                           global_step, obs_dim, act_dim)
-                        stage, stage1_end_step, switched = 2, global_step, True
-                        ended = np.ones(n, bool)
                     obs = start_episodes(ended, stage, eps, envs, reverse, forward, demos, args)
+
+        # ---- the stage switch, at the end of the iteration in which a report made the reverse curriculum done --
+        if stage == 1 and reported and reverse.done:
+            offline, online = switch_to_stage2(state, online, reverse, args, run_dir, writer, global_step, obs_dim,
+                                               act_dim)
+            stage, stage1_end_step, switched = 2, global_step, True  # the save point below starts stage 2's episodes
 
         # ---- learn: once the online buffer holds --num-seed-steps transitions of the current stage -----------
         learning = online.size >= max(args.num_seed_steps, 1)

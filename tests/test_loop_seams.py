@@ -139,7 +139,7 @@ def episodes(seen, ratio=3.0):
     out = []
     for at, mask, seeds, starts in rec.resets:
         for j in np.flatnonzero(mask):
-            if j in current:
+            if j in current and at > current[j][0]:  # a reset right after a reset ends no episode
                 first, start, seed = current[j]
                 succ = np.array([s[j] for s in rec.success[first:at]])
                 limit = (16 + int((lengths[start[0]] - start[1]) // ratio)) if start else HORIZON

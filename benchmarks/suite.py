@@ -1,0 +1,256 @@
+"""Run a grid of learning runs (configs x env ids x seeds), here or on a Slurm cluster, then draw one figure with a
+panel per task and write one table.
+
+    python benchmarks/suite.py --configs rfcl:5 rlpd:100 --env-ids PushCube-v1 StackCube-v1 --seeds 1 2 \\
+        --budgets PushCube-v1=300000 StackCube-v1=1000000 --parallel 2
+    python benchmarks/suite.py ... --executor slurm --slurm-partition gpu --slurm-time-min 240
+    python benchmarks/suite.py ... --executor none          # only the figure and table, from the runs there are
+
+A config is ALGO:NUM_DEMOS. Each run lives in runs/<prefix>_<algo>_<env>_d<demos>_s<seed>/. A run that finished
+its budget is reused, never rerun; one with a resume state continues with --resume; any other starts fresh.
+Executors:
+  * local:          --parallel runs at a time on this machine (plain subprocesses).
+  * slurm:          one Slurm job per run through submitit. Shortly before the job's time limit submitit asks the run
+                    to checkpoint: the script gets SIGTERM, saves its resume state and exits, and the job is
+                    requeued; the requeued job runs the same line, which now resumes.
+  * submitit-local: submitit's local executor (same code path as slurm, no cluster; the tests use it).
+Writes <out>/<name>.png (eval success_at_end vs env steps, a panel per task, a line per config, mean and min-max
+over seeds), <out>/<name>.md (for every run: steps and wall-clock to 0.5 and 0.9 of success_at_end and
+success_once, RFCL's stage-1 end, final success, env steps/s) and <out>/<name>.json (the same with the curves).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import tyro
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import learning  # noqa: E402
+
+
+@dataclass
+class Args:
+    configs: list[str] = field(default_factory=lambda: ["rfcl:5", "rlpd:100"])
+    """ALGO:NUM_DEMOS per config (rfcl or rlpd)"""
+    env_ids: list[str] = field(default_factory=lambda: ["PickCube-v1"])
+    seeds: list[int] = field(default_factory=lambda: [1])
+    total_timesteps: int = 1_000_000
+    """budget of every run, unless --budgets names its env id"""
+    budgets: list[str] = field(default_factory=list)
+    """per-task budgets, ENV_ID=STEPS"""
+    extra: list[str] = field(default_factory=list)
+    """further flags for every run, e.g. --extra=--no-capture-video"""
+    prefix: str = "suite"
+    """run names: runs/<prefix>_<algo>_<env>_d<demos>_s<seed>"""
+    executor: Literal["local", "slurm", "submitit-local", "none"] = "local"
+    parallel: int = 1
+    """local: runs at a time"""
+    slurm_partition: Optional[str] = None
+    slurm_time_min: int = 240
+    """Slurm: minutes per job; longer runs are requeued and resumed"""
+    slurm_cpus: int = 16
+    slurm_gpus: int = 1
+    root: str = "."
+    """folder whose runs/ holds the runs (the scripts run there, as from a shell in it)"""
+    log_dir: str = "runs/suite_logs"
+    """submitit's and the runs' logs, under --root"""
+    name: str = "suite"
+    """output file stem"""
+    out: str = "benchmarks/results"
+
+
+@dataclass
+class RunSpec:
+    algo: str
+    env_id: str
+    num_demos: int
+    seed: int
+    total: int
+    extra: list
+
+    @property
+    def name(self) -> str:
+        return f"{self.env_id.removesuffix('-v1')}_{self.algo}_d{self.num_demos}_s{self.seed}"
+
+    def finished(self, run_dir: Path) -> bool:
+        try:
+            s = json.loads((run_dir / "summary.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return s.get("stopped_by") is None and s.get("global_step", 0) >= self.total
+
+    def command(self, run_dir: Path) -> list[str]:
+        """The one line a job runs, first time or requeued: resume if there is a resume state, else start."""
+        script = str(ROOT / f"{self.algo}.py")
+        if (run_dir / "resume.state").exists():
+            return [sys.executable, script, "--resume", str(run_dir), "--total-timesteps", str(self.total)]
+        return [sys.executable, script, "--env-id", self.env_id, "--num-demos", str(self.num_demos), "--seed",
+                str(self.seed), "--total-timesteps", str(self.total), "--exp-name", run_dir.name, *self.extra]
+
+
+class Job:
+    """One run as a callable (what submitit pickles and calls in the job). On submitit's checkpoint request it
+    stops the run with SIGTERM (the script saves its resume state) and hands back itself to be requeued."""
+
+    def __init__(self, spec: RunSpec, run_dir: Path, log: Path):
+        self.spec, self.run_dir, self.log, self.proc = spec, run_dir, log, None
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "proc"} | {"proc": None}
+
+    def __call__(self) -> int:
+        if self.spec.finished(self.run_dir):
+            return 0
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "a") as f:
+            cmd = self.spec.command(self.run_dir)
+            f.write(f"\n$ {' '.join(cmd)}\n")
+            f.flush()
+            self.proc = subprocess.Popen(cmd, cwd=self.run_dir.parent.parent, stdout=f, stderr=subprocess.STDOUT)
+            rc = self.proc.wait()
+        if rc != 0:
+            raise RuntimeError(f"{self.spec.name} exited {rc}; see {self.log}")
+        return rc
+
+    def checkpoint(self, *args, **kwargs):
+        import submitit
+
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # the run saves its resume state at the next iteration
+            self.proc.wait(timeout=600)
+        return submitit.helpers.DelayedSubmission(Job(self.spec, self.run_dir, self.log))
+
+
+def grid(a: Args) -> list[RunSpec]:
+    budgets = {}
+    for b in a.budgets:
+        env, _, steps = b.partition("=")
+        budgets[env] = int(steps)
+    specs = []
+    for c in a.configs:
+        algo, _, n = c.partition(":")
+        if algo not in ("rfcl", "rlpd") or not n.isdigit():
+            raise SystemExit(f"error: --configs takes ALGO:NUM_DEMOS (rfcl or rlpd), got {c!r}")
+        for env in a.env_ids:
+            for seed in a.seeds:
+                specs.append(RunSpec(algo, env, int(n), seed, budgets.get(env, a.total_timesteps), list(a.extra)))
+    return specs
+
+
+def run_dir(a: Args, s: RunSpec) -> Path:
+    return Path(a.root).resolve() / "runs" / f"{a.prefix}_{s.name}"
+
+
+def run_grid(a: Args, specs: list[RunSpec]) -> None:
+    root = Path(a.root).resolve()
+    jobs = [Job(s, run_dir(a, s), root / a.log_dir / f"{a.prefix}_{s.name}.log") for s in specs]
+    todo = [j for j in jobs if not j.spec.finished(j.run_dir)]
+    print(f"{len(jobs)} runs, {len(jobs) - len(todo)} already finished (reused)", flush=True)
+    if not todo or a.executor == "none":
+        return
+    if a.executor == "local":
+        with ThreadPoolExecutor(max_workers=a.parallel) as pool:
+            for j, _ in zip(todo, pool.map(lambda j: j(), todo)):
+                print(f"done: {j.run_dir.name}", flush=True)
+        return
+    import submitit
+
+    if a.executor == "slurm":
+        ex = submitit.AutoExecutor(folder=str(root / a.log_dir / "submitit"), cluster="slurm")
+        ex.update_parameters(timeout_min=a.slurm_time_min, cpus_per_task=a.slurm_cpus, gpus_per_node=a.slurm_gpus,
+                             slurm_partition=a.slurm_partition, slurm_signal_delay_s=180)
+    else:
+        ex = submitit.LocalExecutor(folder=str(root / a.log_dir / "submitit"))
+        ex.update_parameters(timeout_min=a.slurm_time_min)
+    with ex.batch():
+        futures = [ex.submit(j) for j in todo]
+    print(f"submitted {len(futures)} jobs: {', '.join(f.job_id for f in futures)}", flush=True)
+    for j, f in zip(todo, futures):
+        f.result()  # raises with the job's error
+        print(f"done: {j.run_dir.name}", flush=True)
+
+
+def stage1_end(run_dir: Path) -> Optional[int]:
+    try:
+        return json.loads((run_dir / "summary.json").read_text()).get("stage1_end_step")
+    except (OSError, ValueError):
+        return None
+
+
+def report(a: Args, specs: list[RunSpec]) -> dict:
+    """One figure (a panel per task, a line per config) and one table over all runs that have eval events."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    envs = list(dict.fromkeys(s.env_id for s in specs))
+    fig, axes = plt.subplots(1, len(envs), figsize=(4.2 * len(envs), 3.6), dpi=100, squeeze=False)
+    rows, curves_out = [], {}
+    for ax, env in zip(axes[0], envs):
+        for config in a.configs:
+            algo, _, n = config.partition(":")
+            runs = [run_dir(a, s) for s in specs
+                    if (s.env_id, s.algo, s.num_demos) == (env, algo, int(n))]
+            curves = [learning.read_run(r) for r in runs if list(r.glob("events.out.tfevents.*"))]
+            if not curves:
+                continue
+            curves_out[f"{env} {config}"] = learning.curves_json(curves)
+            for c, row in zip(curves, learning.summarise(curves)["runs"]):
+                rows.append({"task": env, "config": config, **row, "stage1_end_step": stage1_end(Path(c["run"]))})
+            grid_x = np.linspace(0, min(c["steps"][-1] for c in curves), 100)
+            ys = np.array([np.interp(grid_x, c["steps"], c["success"]) for c in curves])
+            (line,) = ax.plot(grid_x, ys.mean(0), label=f"{algo.upper()}, {n} demos ({len(curves)} seed"
+                              + ("s" if len(curves) > 1 else "") + ")")
+            ax.fill_between(grid_x, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
+        ax.set_title(env)
+        ax.set_xlabel("env steps")
+        ax.set_ylim(-0.02, 1.02)
+        ax.axhline(0.9, color="gray", lw=0.8, ls="--")
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1000:.0f}k"))
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="upper left")
+    axes[0][0].set_ylabel("eval success_at_end")
+    fig.tight_layout()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out / f"{a.name}.png")
+    plt.close(fig)
+    fmt = lambda v, f="{:,}": "not reached" if v is None else f.format(v)  # noqa: E731
+    lines = ["| task | config | run | stage 1 ends | steps to 0.5 | to 0.9 | wall-clock to 0.9 | success_once: "
+             "steps to 0.5 | to 0.9 | final success_at_end | env steps/s |", "|" + " --- |" * 11]
+    for r in rows:
+        lines.append(f"| {r['task']} | {r['config']} | {Path(r['run']).name} | {fmt(r['stage1_end_step'])} | "
+                     f"{fmt(r['steps_to_0.5'])} | {fmt(r['steps_to_0.9'])} | {fmt(r['wall_s_to_0.9'], '{:.0f} s')} | "
+                     f"{fmt(r.get('once_steps_to_0.5'))} | {fmt(r.get('once_steps_to_0.9'))} | "
+                     f"{r['final_success']:.2f} at {r['final_step']:,} | {r['sps']:.0f} |")
+    md = "\n".join(lines) + "\n"
+    (out / f"{a.name}.md").write_text(md)
+    (out / f"{a.name}.json").write_text(json.dumps({"rows": rows, "curves": curves_out}, indent=1))
+    print(md + f"wrote {out / a.name}.png/.md/.json", flush=True)
+    return {"rows": rows}
+
+
+def main(a: Args) -> dict:
+    specs = grid(a)
+    t0 = time.time()
+    run_grid(a, specs)
+    print(f"grid done in {time.time() - t0:.0f} s", flush=True)
+    return report(a, specs)
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
