@@ -22,6 +22,7 @@ success_once, RFCL's stage-1 end, final success, env steps/s) and <out>/<name>.j
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -166,6 +167,8 @@ def run_grid(a: Args, specs: list[RunSpec]) -> None:
         return
     import submitit
 
+    # the jobs unpickle Job from this module: let them import it (Slurm passes the environment on)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH")]))
     if a.executor == "slurm":
         ex = submitit.AutoExecutor(folder=str(root / a.log_dir / "submitit"), cluster="slurm")
         ex.update_parameters(timeout_min=a.slurm_time_min, cpus_per_task=a.slurm_cpus, gpus_per_node=a.slurm_gpus,
@@ -182,9 +185,10 @@ def run_grid(a: Args, specs: list[RunSpec]) -> None:
 
 
 def stage1_end(run_dir: Path) -> Optional[int]:
+    """RFCL's stage-1 end step, from tensorboard (summary.json is written only when a run ends)."""
     try:
-        return json.loads((run_dir / "summary.json").read_text()).get("stage1_end_step")
-    except (OSError, ValueError):
+        return int(learning.read_run(run_dir, "curriculum/stage1_end_step")["steps"][0])
+    except ValueError:  # rlpd, or stage 1 not over
         return None
 
 
@@ -233,7 +237,8 @@ def report(a: Args, specs: list[RunSpec]) -> dict:
     lines = ["| task | config | run | stage 1 ends | steps to 0.5 | to 0.9 | wall-clock to 0.9 | success_once: "
              "steps to 0.5 | to 0.9 | final success_at_end | env steps/s |", "|" + " --- |" * 11]
     for r in rows:
-        lines.append(f"| {r['task']} | {r['config']} | {Path(r['run']).name} | {fmt(r['stage1_end_step'])} | "
+        lines.append(f"| {r['task']} | {r['config']} | {Path(r['run']).name} | "
+                     f"{'-' if r['config'].startswith('rlpd') else fmt(r['stage1_end_step'])} | "
                      f"{fmt(r['steps_to_0.5'])} | {fmt(r['steps_to_0.9'])} | {fmt(r['wall_s_to_0.9'], '{:.0f} s')} | "
                      f"{fmt(r.get('once_steps_to_0.5'))} | {fmt(r.get('once_steps_to_0.9'))} | "
                      f"{r['final_success']:.2f} at {r['final_step']:,} | {r['sps']:.0f} |")

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "docs" / "rfcl.md", ROOT / "docs" / "rlpd.md", ROOT / "docs" / "results.md",
         ROOT / "docs" / "code.md", ROOT / "README.md"]
 SCRIPTS = ("rfcl.py", "rlpd.py", "collect_demos.py", "benchmarks/learning.py", "benchmarks/throughput.py",
-           "benchmarks/frontier.py",
+           "benchmarks/frontier.py", "benchmarks/suite.py", "benchmarks/planner.py", "benchmarks/resume_state.py",
            "mani_skill.trajectory.replay_trajectory")
 LINK = re.compile(r"\[`([^`]+)`\]\((?:\.\./)?([\w/]+\.py)#L(\d+)(?:-L(\d+))?\)")
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")

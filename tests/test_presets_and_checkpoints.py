@@ -17,7 +17,7 @@ SHARED = {"exp_name": None, "seed": 1, "track": False, "env_id": "PickCube-v1", 
           "max_episode_steps": 50, "render_size": 256, "dataset_path": None, "total_timesteps": 1_000_000,
           "num_seed_steps": 5000, "steps_per_env": 4, "grad_updates_per_step": 16, "buffer_size": 1_000_000,
           "eval_freq": 10_000, "num_eval_episodes": 50, "save_freq": 100_000, "log_freq": 1000, "capture_video": True,
-          "checkpoint": None, "evaluate": False, "gamma": 0.9, "tau": 0.005, "batch_size": 256,
+          "checkpoint": None, "resume": None, "evaluate": False, "gamma": 0.9, "tau": 0.005, "batch_size": 256,
           "learning_rate": 3e-4, "hidden_dims": (256, 256, 256), "num_qs": 2, "num_min_qs": 2, "actor_update_freq": 1,
           "init_temperature": 0.01, "target_entropy_scale": 0.5, "backup_entropy": False, "bootstrap_at_done": "always"}
 RFCL = {**SHARED, "preset": "fast", "wandb_project_name": "rfcl-jax", "num_demos": 5, "demo_action_scale": 1.0,

@@ -41,7 +41,7 @@ def test_a_tiny_grid_runs_through_submitit_then_is_reused(demo_path, tmp_path):
 def test_a_checkpointed_job_stops_its_run_and_the_requeued_job_resumes_it(demo_path, tmp_path):
     """What submitit does shortly before a Slurm time limit: job.checkpoint() (the run gets SIGTERM, saves its
     resume state), then the returned submission runs again in a new job and resumes the run to its budget."""
-    spec = suite.RunSpec("rfcl", "PickCube-v1", 2, 1, 4000, [*TINY, "--num-seed-steps=100000"])
+    spec = suite.RunSpec("rfcl", "PickCube-v1", 2, 1, 3000, [*TINY, "--num-seed-steps=100000"])
     run_dir = tmp_path / "runs" / "suite_job"
     job = suite.Job(spec, run_dir, tmp_path / "job.log")
     errors = []
@@ -50,16 +50,16 @@ def test_a_checkpointed_job_stops_its_run_and_the_requeued_job_resumes_it(demo_p
     deadline = time.time() + 240
     while time.time() < deadline and not list(run_dir.glob("events.out.tfevents.*")):
         time.sleep(0.5)
-    time.sleep(2)
+    time.sleep(0.5)
     requeued = job.checkpoint()
     thread.join(timeout=120)
     assert "exited 143" in str(errors[0].value), "the run stopped on SIGTERM"
     stopped = json.loads((run_dir / "summary.json").read_text())
-    assert stopped["stopped_by"] == "SIGTERM" and 0 < stopped["global_step"] < 4000
+    assert stopped["stopped_by"] == "SIGTERM" and 0 < stopped["global_step"] < 3000
     assert (run_dir / "resume.state").exists()
     assert requeued.function.spec.command(run_dir)[2:4] == ["--resume", str(run_dir)]
     requeued.function()  # the new job
     done = json.loads((run_dir / "summary.json").read_text())
-    assert done["global_step"] == 4000 and done["stopped_by"] is None
+    assert done["global_step"] == 3000 and done["stopped_by"] is None
     log = (tmp_path / "job.log").read_text()
     assert log.count("\n$ ") == 2 and "--resume" in log.split("\n$ ")[2]
