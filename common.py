@@ -675,8 +675,13 @@ class CPUEnvs:
     def video(self, start=False, save_path=None):
         self.envs.call("video", start=start, save_path=save_path)
 
-    def close(self):
-        self.envs.close()
+    def close(self, now: bool = False):
+        """now: kill the workers instead of letting each simulator shut down (about 14 s for 16 workers on 2 cores),
+        for a run that has saved everything and was told to stop."""
+        if now:
+            for p in self.envs.processes:
+                p.kill()
+        self.envs.close(terminate=now)
 
 
 class GPUEnvs:
@@ -740,7 +745,7 @@ class GPUEnvs:
         if self.recorder is not None:
             self.recorder.stop(save_path) if not start else self.recorder.start()
 
-    def close(self):
+    def close(self, now: bool = False):
         self.env.close()
 
 

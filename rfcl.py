@@ -786,8 +786,8 @@ def main(args: Args) -> None:
                 obs = start_episodes(np.ones(n, bool), stage, eps, envs, reverse, forward, demos, args)
     run.finish(global_step, stop if stopping else None, stage=stage, stage1_end_step=stage1_end_step,
                grad_updates=grad_updates)
-    envs.close()
-    eval_envs.close()
+    envs.close(now=stopping)
+    eval_envs.close(now=stopping)
     if stopping:
         sys.exit(stop.exit_code)
 

@@ -531,8 +531,8 @@ def main(args: Args) -> None:
             if not done:  # as after a resume: every env starts a new episode, so a resumed run repeats this one
                 obs = start_episodes(np.ones(n, bool))
     run.finish(global_step, stop if stopping else None, grad_updates=grad_updates)
-    envs.close()
-    eval_envs.close()
+    envs.close(now=stopping)
+    eval_envs.close(now=stopping)
     if stopping:
         sys.exit(stop.exit_code)
 
