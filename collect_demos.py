@@ -137,7 +137,7 @@ class CPURecorder:
 
 class GPURecorder:
     def __init__(self, ckpt, args: Args, max_steps: int, tmp: str):
-        env = gym.make(ckpt["env_id"], **make_env_kwargs(ckpt, max_steps, args.num_envs, "physx_cuda",
+        env = gym.make(ckpt["env_id"], **make_env_kwargs(ckpt, max_steps, args.num_envs, common.GPU_PHYSX,
                                                           render=args.save_video))
         self.video = common.VideoRecorder(env, env_index=0) if args.save_video else None
         self.record = RecordEpisode(self.video or env, output_dir=tmp, trajectory_name="part0", save_trajectory=True,
@@ -175,8 +175,8 @@ def main(args: Args) -> None:
     warnings.filterwarnings("ignore", module="mani_skill")
     if args.num_envs < 1 or args.num_episodes < 1:
         common.fail(f"--num-envs and --num-episodes must be >= 1 (got {args.num_envs}, {args.num_episodes})")
-    if args.sim_backend == "gpu" and not torch.cuda.is_available():
-        common.fail("GPU simulation needs CUDA; use --sim-backend cpu")
+    if args.sim_backend == "gpu":
+        common.check_gpu_simulation()
     ckpt, act = load_policy(args.checkpoint)
     train_args = json.loads(ckpt["args"])
     max_steps = args.max_episode_steps or int(train_args.get("max_episode_steps", 50))
@@ -225,6 +225,11 @@ def main(args: Args) -> None:
         if kept:
             tmp_h5 = Path(tmp) / f"{name}.h5"
             merge_trajectories(str(tmp_h5), parts)
+            meta = json.loads(tmp_h5.with_suffix(".json").read_text())
+            # a GPU reset call draws all its envs from its first env's seed: there a recorded seed does not give
+            # back its episode's initial state; the recorded env states always do
+            meta["reset_seeds_reproduce_episodes"] = args.sim_backend == "cpu"
+            common.write_json(tmp_h5.with_suffix(".json"), meta)
             # json last: a reader that finds the json finds a complete h5
             os.replace(tmp_h5, out_h5)
             os.replace(tmp_h5.with_suffix(".json"), out_h5.with_suffix(".json"))

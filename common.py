@@ -171,6 +171,11 @@ def load_resume_state(path: Path, algorithm: str) -> tuple[dict, dict]:
     return header, serialization.msgpack_restore(body)
 
 
+# ManiSkill tasks that build a different object per env: on CPU (1 env per process) they rebuild it at every seeded
+# reset; a GPU-batched env fixes each env's object at creation
+PER_ENV_OBJECT_TASKS = ("PickSingleYCB", "OpenCabinetDrawer", "RotateSingleObjectInHand")
+
+
 def check_inputs(args, algorithm: str) -> tuple[Optional[dict], Path]:
     """The checks rfcl.py and rlpd.py share, before anything is built or written. Returns the --checkpoint
     (or None) and the run directory to create once the envs and demos are found to match."""
@@ -192,6 +197,10 @@ def check_inputs(args, algorithm: str) -> tuple[Optional[dict], Path]:
         fail(f"--num-min-qs must be in 1..--num-qs ({args.num_qs}), got {args.num_min_qs}")
     if args.evaluate and not args.checkpoint:
         fail("--evaluate needs --checkpoint PATH")
+    if (algorithm == "rfcl" and args.sim_backend == "gpu" and args.num_envs > 1
+            and args.env_id.rsplit("-", 1)[0] in PER_ENV_OBJECT_TASKS):
+        fail(f"{args.env_id} gives each GPU env its own object, chosen once when the envs are built, while RFCL resets "
+             f"envs to demo states recorded with the demo's object: use --sim-backend cpu (or --num-envs 1) for it")
     if args.sim_backend == "gpu":
         check_gpu_simulation()
     if args.track:
@@ -389,11 +398,11 @@ def generate_demos(env_id: str, obs_mode: str, control_mode: str, num_demos: int
         raw = tmp / f"{name}.h5"
         out = _convert(raw, obs_mode, control_mode, tmp)
         n_ok = len(_read_json(out.with_suffix(".json"))["episodes"])
+        write_json(final_dir / f"{name}.planner.json", {**stats, "converted": n_ok})  # kept also when too few
         if n_ok < num_demos:
             raise DemoError(f"only {n_ok}/{n_gen} planner demos of {env_id} converted to {control_mode}; "
                             f"ask for fewer (--num-demos {n_ok}) or another --control-mode")
         # the raw pd_joint_pos file is kept too: it is the source the converted one came from
-        os.replace(stats_path, final_dir / f"{name}.planner.json")
         for src in (raw, raw.with_suffix(".json"), out, out.with_suffix(".json")):
             os.replace(src, final_dir / src.name)
     print(f"[demos] {n_ok} demos of {env_id} cached in {final_dir} ({time.time() - t0:.1f} s)", flush=True)
@@ -675,6 +684,9 @@ class CPUEnvs:
     def video(self, start=False, save_path=None):
         self.envs.call("video", start=start, save_path=save_path)
 
+    def prepare(self, seeds) -> None:
+        """Nothing to fix: a CPU env draws a seed's initial state from that seed alone (GPUEnvs.prepare)."""
+
     def close(self, now: bool = False):
         """now: kill the workers instead of letting each simulator shut down (about 14 s for 16 workers on 2 cores),
         for a run that has saved everything and was told to stop."""
@@ -684,11 +696,16 @@ class CPUEnvs:
         self.envs.close(terminate=now)
 
 
+# The physics of --sim-backend gpu. The tests set "physx_cpu" (which takes exactly 1 env) to run this whole path,
+# DLPack handoffs included, on a machine without CUDA.
+GPU_PHYSX = "physx_cuda"
+
+
 class GPUEnvs:
     """One ManiSkill GPU-batched env; observations reach JAX through DLPack, without a host copy."""
 
     def __init__(self, args, num_envs: int, demos: Optional[Demos] = None, record: bool = False):
-        env = gym.make(args.env_id, **env_kwargs(args, num_envs, "physx_cuda", render=record))
+        env = gym.make(args.env_id, **env_kwargs(args, num_envs, GPU_PHYSX, render=record))
         self.recorder = VideoRecorder(env, env_index=0) if record else None
         self.env = self.recorder or env
         self.base = env.unwrapped
@@ -696,6 +713,7 @@ class GPUEnvs:
         self.obs_dim = self.base.single_observation_space.shape[0]
         self.act_dim = self.base.single_action_space.shape[0]
         self.seeds = np.zeros(num_envs, np.int64)
+        self.table = {}  # seed -> (its fixed initial state, observation): see prepare
         self.device = self.base.device
         if demos is not None:  # demo states and observations live on the GPU, for batched resets
             self.demo_states = [jax.tree_util.tree_map(lambda x: torch.as_tensor(x, device=self.device), s)
@@ -703,35 +721,54 @@ class GPUEnvs:
             self.demo_obs = [torch.as_tensor(o, device=self.device) for o in demos.traj_obs]
         self.obs = None
 
+    def prepare(self, seeds) -> None:
+        """Fix the initial state of each of `seeds` (the forward curriculum's pool, the eval seeds): generate them in
+        batched resets, num_envs seeds per call in the given order, and keep each env's state and observation.
+        ManiSkill draws all envs of one reset call from one stream (seeded with the first env's seed), so without
+        this table a seed's initial state would depend on which envs happen to reset together. Resets every env:
+        call it before episodes run."""
+        new = [int(s) for s in dict.fromkeys(np.asarray(seeds).tolist()) if int(s) not in self.table]
+        for g in range(0, len(new), self.num_envs):
+            group = new[g:g + self.num_envs]
+            seed_list = group + [int(s) for s in self.seeds[len(group):]]
+            obs, _ = self.env.reset(seed=seed_list, options=dict(env_idx=torch.arange(len(group), device=self.device)))
+            state = self.base.get_state_dict()
+            for j, s in enumerate(group):
+                self.table[s] = (jax.tree_util.tree_map(lambda x, j=j: x[j:j + 1].clone(), state), obs[j].clone())
+
     def reset(self, mask, seeds, demo_starts=None):
+        """At most two reset calls however many envs reset: one that restores given states (demo starts, and
+        seeds whose initial state `prepare` fixed) with reset_to_env_states, and one seeded call for the rest
+        (seeds without a fixed state, e.g. RLPD's training episodes)."""
         idx = np.flatnonzero(mask)
         self.seeds[idx] = seeds[idx]
-        env_idx = torch.as_tensor(idx, device=self.device)
         starts = demo_starts if demo_starts is not None else [None] * self.num_envs
-        from_demo = [j for j in idx if starts[j] is not None]
-        seeded = [j for j in idx if starts[j] is None]
-        # ManiSkill draws the initial states of all envs of one reset call from one torch stream, seeded with
-        # the first env's seed: env j would not get the state of its own seed, and the forward curriculum
-        # scores seeds. So seeded envs reset one at a time (then seed s always gives the same initial state;
-        # not CPU's, which draws from the CPU generator); demo-start envs share one call, since
-        # set_state_dict overwrites what it drew.
-        obs = None
-        if from_demo:
-            obs, _ = self.env.reset(options=dict(env_idx=torch.as_tensor(from_demo, device=self.device)))
-        for j in seeded:
-            one = torch.as_tensor([j], device=self.device)
-            obs, _ = self.env.reset(seed=int(self.seeds[j]), options=dict(env_idx=one))
-        obs = obs.clone()  # each reset returns every env's current observation
-        for j in from_demo:
-            i, t = starts[j]
-            state = jax.tree_util.tree_map(lambda x, t=t: x[t:t + 1], self.demo_states[i])
-            self.base.set_state_dict(state, torch.as_tensor([j], device=self.device))
-            obs[j] = self.demo_obs[i][t]
-        # never write into a tensor already handed to JAX (DLPack shares the memory): build a new one
-        if self.obs is not None:
-            keep = self.obs.clone()
-            keep[env_idx] = obs[env_idx]
-            obs = keep
+        given = [j for j in idx if starts[j] is not None or int(self.seeds[j]) in self.table]
+        fresh = [j for j in idx if starts[j] is None and int(self.seeds[j]) not in self.table]
+        obs = self.obs.clone() if self.obs is not None else None
+        if fresh:
+            out, _ = self.env.reset(seed=[int(s) for s in self.seeds],
+                                    options=dict(env_idx=torch.as_tensor(fresh, device=self.device)))
+            obs = out.clone() if obs is None else obs
+            obs[fresh] = out[fresh]
+        if given:
+            states, rows = [], []
+            for j in given:
+                if starts[j] is not None:
+                    i, t = starts[j]
+                    states.append(jax.tree_util.tree_map(lambda x, t=t: x[t:t + 1], self.demo_states[i]))
+                    rows.append(self.demo_obs[i][t])
+                else:
+                    state, row = self.table[int(self.seeds[j])]
+                    states.append(state)
+                    rows.append(row)
+            batch = jax.tree_util.tree_map(lambda *xs: torch.cat(xs), *states)
+            out, _ = self.env.reset(options=dict(env_idx=torch.as_tensor(given, device=self.device),
+                                                 reset_to_env_states=dict(env_states=batch)))
+            obs = out.clone() if obs is None else obs
+            # the recorded observations: contact flags (e.g. is_grasped) are stale right after a state is set
+            obs[given] = torch.stack(rows).to(obs.dtype)
+        # a new tensor each time: one already handed to JAX (DLPack shares the memory) is never written
         self.obs = obs
         return jax.dlpack.from_dlpack(self.obs.contiguous())
 
@@ -760,6 +797,7 @@ def evaluate(envs, act_fn, max_episode_steps: int, num_episodes: int, video_path
     n = envs.num_envs
     rounds = -(-num_episodes // n)
     once, at_end, returns = [], [], []
+    envs.prepare(10**6 + np.arange(rounds * n))  # GPU: each eval seed's initial state fixed once, then reused
     for r in range(rounds):
         seeds = 10**6 + r * n + np.arange(n)
         obs = envs.reset(np.ones(n, bool), seeds)

@@ -701,6 +701,7 @@ def main(args: Args) -> None:
         del resumed
 
     n = args.num_envs
+    envs.prepare(forward.seeds)  # GPU: each pool seed's initial state, fixed once in batched resets
     eps = Episodes.empty(n)
     obs = start_episodes(np.ones(n, bool), stage, eps, envs, reverse, forward, demos, args)
     done, switched = False, False

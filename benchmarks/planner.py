@@ -69,7 +69,10 @@ def main(args: Args) -> None:
             stats["converted"] = len(json.loads(h5.with_suffix(".json").read_text())["episodes"])
             stats["file"] = str(h5)
         except common.DemoError as e:
-            stats = dict(error=str(e))
+            found = sorted((common.demo_dir() / env_id / "motionplanning").glob("*.planner.json"),
+                           key=lambda p: p.stat().st_mtime)
+            stats = {**(json.loads(found[-1].read_text()) if found and found[-1].stat().st_mtime > t0 else {}),
+                     "error": str(e)}
         stats["wall_s"], stats["asked"] = time.time() - t0, args.num_demos
         rows[env_id] = stats
         common.write_json(path, rows)

@@ -58,22 +58,31 @@ def read_scalars(run_dir):
 
 
 class FakeBatchedEnv:
-    """Stands in for a ManiSkill GPU-batched env (no CUDA here): a seeded reset writes the seed into the
-    reset envs' observations, an unseeded one writes -1; every call returns all envs' observations."""
+    """Stands in for a ManiSkill GPU-batched env (no CUDA here), with ManiSkill's reset semantics: a seeded call
+    draws every env it resets from one stream seeded with the first env's seed (here: observation = 1000 * that
+    seed + the env's rank in the call); a call with reset_to_env_states sets the given states (observation =
+    the state's x). Every call returns all envs' observations; get_state_dict returns all envs' states."""
 
     def __init__(self, n):
         import torch
 
-        self.obs, self.calls, self.states = torch.zeros(n, 3), [], {}
+        self.obs, self.calls = torch.zeros(n, 3), []
 
     def reset(self, seed=None, options=None):
+        import torch
+
         idx = options["env_idx"].tolist()
-        self.calls.append((seed, idx))
-        self.obs[idx] = -1.0 if seed is None else float(seed)
+        if "reset_to_env_states" in options:
+            self.calls.append(("states", idx))
+            self.obs[idx] = options["reset_to_env_states"]["env_states"]["x"]
+        else:
+            self.calls.append(("seeded", idx))
+            first = -1 if seed is None else int(np.atleast_1d(seed)[0])
+            self.obs[idx] = (1000.0 * first + torch.arange(len(idx), dtype=torch.float32))[:, None]
         return self.obs.clone(), {}
 
-    def set_state_dict(self, state, env_idx):
-        self.states[int(env_idx[0])] = state["x"].clone()
+    def get_state_dict(self):
+        return {"x": self.obs.clone()}
 
 
 def fake_gpu_envs(n):
@@ -83,5 +92,5 @@ def fake_gpu_envs(n):
     fake = FakeBatchedEnv(n)
     g = common.GPUEnvs.__new__(common.GPUEnvs)
     g.env = g.base = fake
-    g.num_envs, g.device, g.seeds, g.obs = n, "cpu", np.zeros(n, np.int64), None
+    g.num_envs, g.device, g.seeds, g.obs, g.table = n, "cpu", np.zeros(n, np.int64), None, {}
     return g, fake

@@ -89,6 +89,8 @@ def test_bad_input_errors_are_one_line(tiny_run, demo_path, tmp_path, monkeypatc
         (["--total-timesteps", "0"], "error: --total-timesteps must be >= 1, got 0"),
         (["--num-envs", "0"], "error: --num-envs must be >= 1, got 0"),
         (["--eval-freq", "0"], "error: --eval-freq must be >= 1, got 0"),
+        (["--env-id", "PickSingleYCB-v1", "--sim-backend", "gpu", "--num-envs", "4"],
+         "error: PickSingleYCB-v1 gives each GPU env its own object, chosen once when the envs are built"),
     ]
     if not torch.cuda.is_available():  # with CUDA this would start a real 1M-step GPU run
         cases.append((["--sim-backend", "gpu"], "error: GPU simulation needs CUDA; use --sim-backend cpu"))

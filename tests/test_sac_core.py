@@ -170,17 +170,44 @@ def test_checkpoint_round_trip_and_wrong_algorithm(algo, tmp_path):
 
 
 # ---- GPU env resets (logic only: a stand-in replaces the CUDA env) ----------------------------------------------
-def test_gpu_reset_gives_each_seeded_env_its_own_seed():
-    """ManiSkill draws every env of one reset call from the first env's seed, so GPUEnvs.reset resets each
-    seeded env alone with its own seed (then seed s always gives the same initial state); envs outside the
-    mask keep their observation."""
-    g, fake = fake_gpu_envs(3)
-    obs = np.asarray(g.reset(np.ones(3, bool), np.array([7, 8, 9])))
-    assert fake.calls == [(7, [0]), (8, [1]), (9, [2])]
-    np.testing.assert_array_equal(obs, np.repeat([[7], [8], [9]], 3, axis=1))
-    obs = np.asarray(g.reset(np.array([False, True, False]), np.array([0, 5, 0])))
-    assert fake.calls[3:] == [(5, [1])]
-    np.testing.assert_array_equal(obs, np.repeat([[7], [5], [9]], 3, axis=1))
+@pytest.mark.parametrize("n", [16, 256, 1024])
+def test_gpu_resets_take_one_call_per_round_and_a_seed_keeps_its_initial_state(n):
+    """ManiSkill draws all envs of one reset call from the first env's seed. GPUEnvs.prepare fixes each pool seed's
+    initial state (n seeds per call) and every later round restores the states of all finished envs in one call,
+    so seed s gives the same initial state whichever envs reset with it; seeds without a fixed state (RLPD's)
+    reset in one seeded call; envs outside the mask keep their observation."""
+    import torch
+
+    g, fake = fake_gpu_envs(n)
+    pool = 10_000 + np.arange(2 * n + 3)
+    g.prepare(pool)
+    assert [c[0] for c in fake.calls] == ["seeded"] * 3, "n seeds per call"
+    fixed = {int(s): g.table[int(s)][1].clone() for s in pool}
+    assert len({float(v[0]) for v in fixed.values()}) == len(pool), "every seed its own state"
+    rng = np.random.default_rng(0)
+    before = np.asarray(fake.obs).copy()  # what the envs show before their first reset
+    for _ in range(3):  # rounds of partial resets with random seeds from the pool
+        fake.calls.clear()
+        mask = rng.random(n) < 0.5
+        seeds = rng.choice(pool, n)
+        obs = np.asarray(g.reset(mask, seeds))
+        assert fake.calls == [("states", np.flatnonzero(mask).tolist())], "one call per round"
+        for j in range(n):
+            np.testing.assert_array_equal(obs[j], fixed[int(seeds[j])] if mask[j] else before[j])
+        before = obs
+    # seeds without a fixed state: one seeded call for all of them
+    fake.calls.clear()
+    obs = np.asarray(g.reset(np.ones(n, bool), np.arange(n) + 5))
+    assert fake.calls == [("seeded", list(range(n)))]
+    # demo starts: one call, the recorded observations
+    g.demo_states = [{"x": torch.arange(40, dtype=torch.float32).reshape(10, 4)[:, :3] + 100 * i} for i in range(2)]
+    g.demo_obs = [torch.full((10, 3), float(i)) for i in range(2)]
+    fake.calls.clear()
+    starts = [(j % 2, j % 10) for j in range(n)]
+    obs = np.asarray(g.reset(np.ones(n, bool), np.zeros(n, np.int64), starts))
+    assert fake.calls == [("states", list(range(n)))]
+    np.testing.assert_array_equal(obs[:, 0], [j % 2 for j in range(n)])
+    np.testing.assert_array_equal(np.asarray(fake.obs)[1], [100 + 4, 100 + 5, 100 + 6])  # demo 1's state at t=1
 
 
 # ---- the SAC maths by value, on hand-made numbers --------------------------------------------------------------
