@@ -11,7 +11,6 @@ at a resume. Writes <out>/resume_state.{json,md}.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile

@@ -11,6 +11,10 @@ compiles). Prints a markdown table and writes <out>/throughput_<machine>.{json,m
 - ensemble: the same call for the rfcl fast preset with num_qs = 2, 5, 10: ms per update.
 - envs:     env steps/s of the CPU vector env (one process per env) at 1, 2, 4, 8 envs, random actions,
             a reset every 50 steps as in training; on a CUDA machine also the GPU backend at 64..1024 envs.
+- resets:   the cost of one round of GPU resets in which every env finishes, at 16, 256 and 1024 envs: ManiSkill
+            rebuilds the generators of all envs at each seeded reset call (timed here: BatchedRNG.from_seeds);
+            one call per env (the old GPUEnvs) against GPUEnvs' batched resets (no seeded call for seeds with a
+            fixed initial state, one for the others). Runs without a GPU.
 - loop:     a real rfcl.py / rlpd.py run (fast / walltime preset) in a temporary directory; env steps/s and
             the split of its wall-clock between simulation, jitted updates, eval and everything else, measured
             between two log points after warm-up (compilation and random seed steps excluded).
@@ -34,7 +38,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-Part = Literal["updates", "ensemble", "envs", "loop"]
+Part = Literal["updates", "ensemble", "envs", "loop", "resets"]
 
 
 @dataclass
@@ -57,6 +61,8 @@ class Args:
     loop_warmup: int = 10_000
     """env steps not counted (5000 random seed steps and compilation)"""
     out: str = "benchmarks/results"
+    name: str = ""
+    """output file stem (default: throughput_cpu or throughput_gpu)"""
 
 
 def machine() -> dict:
@@ -240,6 +246,19 @@ def bench_loop(a: Args) -> list[dict]:
     return rows
 
 
+def bench_resets(a: Args) -> list[dict]:
+    from mani_skill.envs.utils.randomization.batched_rng import BatchedRNG
+
+    rows = []
+    for n in (16, 256, 1024):
+        rebuild = timed(lambda n=n: BatchedRNG.from_seeds(np.arange(n), backend="numpy:random_state"), 3, 1)
+        rows.append({"num_envs": n, "generator_rebuild_ms": 1000 * rebuild, "round_one_call_per_env_s": n * rebuild,
+                     "round_batched_fixed_seeds_s": 0.0, "round_batched_other_seeds_s": rebuild})
+        print(f"resets   {n:5d} envs: one call per env {n * rebuild:7.2f} s per round; batched: 0 (fixed initial "
+              f"states) or {rebuild * 1000:.1f} ms (one seeded call)", flush=True)
+    return rows
+
+
 # ---- report ---------------------------------------------------------------------------------------------
 def markdown(result: dict) -> str:
     m = result["machine"]
@@ -256,6 +275,11 @@ def markdown(result: dict) -> str:
     if "envs" in result:
         lines += ["| backend | envs | env steps/s |", "|-|-|-|"]
         lines += [f"| {r['backend']} | {r['num_envs']} | {r['env_steps_per_s']:.0f} |" for r in result["envs"]] + [""]
+    if "resets" in result:
+        lines += ["| envs | one reset round, one call per env | batched, fixed seed states | batched, other seeds |",
+                  "|-|-|-|-|"]
+        lines += [f"| {r['num_envs']} | {r['round_one_call_per_env_s']:.2f} s | 0 generator rebuilds | "
+                  f"{r['round_batched_other_seeds_s'] * 1000:.1f} ms |" for r in result["resets"]] + [""]
     if "loop" in result:
         lines += ["| script (default preset) | env steps/s | simulation | updates | eval | other |", "|-|-|-|-|-|-|"]
         lines += [f"| {r['algo']} | {r['env_steps_per_s']:.1f} | {r['simulation_frac']:.0%} | {r['update_frac']:.0%} "
@@ -280,9 +304,11 @@ def main(a: Args) -> dict:
         result["envs"] = bench_envs(a)
     if "loop" in a.parts:
         result["loop"] = bench_loop(a)
+    if "resets" in a.parts:
+        result["resets"] = bench_resets(a)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "throughput_" + ("gpu" if result["machine"]["gpu"] else "cpu")
+    stem = a.name or "throughput_" + ("gpu" if result["machine"]["gpu"] else "cpu")
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
     (out / f"{stem}.md").write_text(markdown(result))
     print("\n" + markdown(result))

@@ -53,7 +53,9 @@ def test_rfcl_rlpd_evaluate_and_collect_demos_run_the_gpu_path(gpu_on_cpu_physic
     run = tmp_path / "runs" / "g"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["stage"] == 2 and summary["global_step"] == 96 and summary["eval_success_at_end"] is not None
-    assert (run / "checkpoints" / "stage1.ckpt").exists() and (run / "videos" / "eval_00000096.mp4").exists()
+    stage1 = common.load_checkpoint(str(run / "checkpoints" / "stage1.ckpt"), "rfcl")
+    assert stage1["global_step"] == summary["stage1_end_step"] and json.loads(stage1["extra"])["stage"] == 1
+    assert (run / "videos" / "eval_00000096.mp4").exists()
     rfcl.main(common.parse_args(rfcl.Args, rfcl.PRESETS, "", [
         "--evaluate", "--checkpoint", str(run / "checkpoints" / "final.ckpt"), "--sim-backend", "gpu",
         "--num-eval-envs", "1", "--num-eval-episodes", "1", "--exp-name", "g_eval", "--render-size", "64"]))

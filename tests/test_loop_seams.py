@@ -242,7 +242,10 @@ class FakeEvalEnvs:
     num_envs = 2
 
     def __init__(self):
-        self.seeds, self.video_calls, self.t = [], [], 0
+        self.seeds, self.video_calls, self.t, self.prepared = [], [], 0, []
+
+    def prepare(self, seeds):
+        self.prepared.append(list(seeds))
 
     def reset(self, mask, seeds):
         self.seeds.append(list(seeds))
@@ -261,5 +264,6 @@ def test_eval_runs_whole_rounds_of_fresh_seeds_with_a_video_of_round_zero_only()
     envs = FakeEvalEnvs()
     m = common.evaluate(envs, lambda obs: np.zeros((2, 1)), max_episode_steps=5, num_episodes=5, video_path="v.mp4")
     assert envs.seeds == [[10**6, 10**6 + 1], [10**6 + 2, 10**6 + 3], [10**6 + 4, 10**6 + 5]]
+    assert envs.prepared == [[10**6 + k for k in range(6)]], "every eval seed's initial state fixed up front (GPU)"
     assert envs.video_calls == [(1, True, None), (1, False, "v.mp4")]
     assert m == {"eval/success_once": 1.0, "eval/success_at_end": 0.5, "eval/return": 3.5, "eval/episodes": 6}

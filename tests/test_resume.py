@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -189,7 +188,7 @@ def test_a_resume_state_write_is_atomic(tmp_path, monkeypatch):
 
 
 # ---- stop at N, resume, and compare with the run that did not stop ---------------------------------------------
-SMALL = ["--num-demos", "2", "--num-envs", "2", "--num-eval-envs", "2", "--num-eval-episodes", "2",
+SMALL = ["--num-demos", "2", "--num-envs", "2", "--num-eval-envs", "1", "--num-eval-episodes", "1",
          "--eval-freq", "96", "--log-freq", "32", "--num-seed-steps", "64", "--steps-per-env", "4",
          "--grad-updates-per-step", "2", "--batch-size", "32", "--hidden-dims", "32", "32", "--no-capture-video",
          "--max-episode-steps", "20"]

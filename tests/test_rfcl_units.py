@@ -118,21 +118,25 @@ def test_sampling_mixes_scores_and_staleness_and_updates_scores():
     assert c.stats()["curriculum/seeds_on_edge_frac"] == 0.25
 
 
-def test_gpu_reset_puts_demo_start_envs_in_one_call_then_sets_their_states():
-    """Demo-start envs share one unseeded reset call, then get the demo state and its recorded observation;
-    seeded envs reset one at a time (see test_sac_core); envs outside the mask keep their observation."""
+def test_gpu_reset_mixes_demo_starts_and_seeds_in_two_calls_and_keeps_the_other_envs():
+    """Demo-start envs are set to their demo states in one reset_to_env_states call and show the recorded
+    observation; seeds without a fixed state share one seeded call (ManiSkill: drawn from the first env's seed);
+    envs outside the mask keep their observation."""
     import torch
 
     g, fake = fake_gpu_envs(4)
-    g.demo_states = [{"x": torch.arange(10.0).reshape(10, 1)}]
+    g.demo_states = [{"x": torch.arange(30.0).reshape(10, 3) + 100}]
     g.demo_obs = [torch.arange(30.0).reshape(10, 3)]
 
     obs = np.asarray(g.reset(np.array([True, True, True, False]), np.array([11, 12, 13, 14]),
                              [None, (0, 5), None, None]))
-    assert fake.calls == [(None, [1]), (11, [0]), (13, [2])]
-    np.testing.assert_array_equal(obs, [[11] * 3, [15, 16, 17], [13] * 3, [0] * 3])
-    np.testing.assert_array_equal(fake.states[1], [[5.0]])
+    assert fake.calls == [("seeded", [0, 2]), ("states", [1])]
+    np.testing.assert_array_equal(obs[:3], [[11000] * 3, [15, 16, 17], [11001] * 3])
+    np.testing.assert_array_equal(np.asarray(fake.obs)[1], [115, 116, 117])  # the demo's state at t = 5
+    kept = obs[3].copy()
 
-    obs = np.asarray(g.reset(np.array([False, False, True, True]), np.array([0, 0, 21, 22])))
-    assert fake.calls[3:] == [(21, [2]), (22, [3])]
-    np.testing.assert_array_equal(obs, [[11] * 3, [15, 16, 17], [21] * 3, [22] * 3])
+    obs2 = np.asarray(g.reset(np.array([False, False, True, True]), np.array([0, 0, 21, 22])))
+    assert fake.calls[2:] == [("seeded", [2, 3])]
+    np.testing.assert_array_equal(obs2[:2], obs[:2])
+    np.testing.assert_array_equal(obs2[2:], [[11000 + 0] * 3, [11000 + 1] * 3])  # env 0's seed (11) seeds the call
+    assert not np.array_equal(obs2[3], kept)

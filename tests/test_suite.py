@@ -13,7 +13,7 @@ from conftest import ROOT
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import suite  # noqa: E402
 
-TINY = ["--num-envs=2", "--num-eval-envs=2", "--num-eval-episodes=2", "--eval-freq=64", "--log-freq=32",
+TINY = ["--num-envs=1", "--num-eval-envs=1", "--num-eval-episodes=1", "--eval-freq=64", "--log-freq=32",
         "--num-seed-steps=64", "--grad-updates-per-step=2", "--batch-size=32", "--hidden-dims", "32", "32",
         "--no-capture-video"]
 
