@@ -118,7 +118,8 @@ class Job:
             cmd = self.spec.command(self.run_dir)
             f.write(f"\n$ {' '.join(cmd)}\n")
             f.flush()
-            self.proc = subprocess.Popen(cmd, cwd=self.run_dir.parent.parent, stdout=f, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(cmd, cwd=self.run_dir.parent.parent, stdout=f, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
             rc = self.proc.wait()
         if rc != 0:
             raise RuntimeError(f"{self.spec.name} exited {rc}; see {self.log}")
@@ -128,7 +129,7 @@ class Job:
         import submitit
 
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)  # the run saves its resume state at the next iteration
+            os.killpg(self.proc.pid, signal.SIGTERM)  # as Slurm does: the run and its env workers; the run saves
             self.proc.wait(timeout=600)
         return submitit.helpers.DelayedSubmission(Job(self.spec, self.run_dir, self.log))
 

@@ -213,16 +213,22 @@ def run_in_process(module, argv, cwd, monkeypatch, keep=False):
 @pytest.mark.parametrize("module,extra", [(rfcl, ["--reverse-solved-frac", "-1", "--num-seeds", "20"]), (rlpd, [])],
                          ids=["rfcl-stage2", "rlpd"])
 def test_stopped_and_resumed_run_equals_the_run_that_did_not_stop(module, extra, demo_path, tmp_path, monkeypatch):
-    """Resume at N = 192 of 384 from the uninterrupted run's own resume state at N: everything logged after N and
-    the whole state at the end (learner, buffers, curricula, generators) are the same, value for value, and
-    tensorboard holds each step once (the resumed writer purged the old events after N). rfcl is in stage 2 here,
-    whose envs reset from seeds; for stage 1, and for a run that stops at N, see the next test."""
+    """rfcl: a run that stops at N = 192 has, tensor by tensor, the state of the uninterrupted run at N. rlpd: the
+    uninterrupted run's own state at N, its logs up to 384 purged after N by the resumed writer. Either way, after
+    the resume everything logged and the whole final state (learner, buffers, curricula, generators) equal the
+    uninterrupted run's, value for value, each step once. rfcl is in stage 2 here, whose envs reset from seeds;
+    for stage 1 see the next test."""
     flags = [*SMALL, *extra, "--save-freq", "192"]
     run_in_process(module, [*flags, "--exp-name", "a", "--total-timesteps", "384"], tmp_path, monkeypatch, keep=True)
-    # b: run a as it was at N (its resume state there; its logs of all 384 steps, which the resume purges after N)
-    shutil.copytree(tmp_path / "runs" / "a", tmp_path / "runs" / "b")
-    at_n = tmp_path / "runs" / "b" / "resume_192.state"
-    shutil.copy(at_n, tmp_path / "runs" / "b" / common.RESUME_FILE)
+    if module is rfcl:  # b: a run that stops at N, then resumes
+        run_in_process(module, [*flags, "--exp-name", "b", "--total-timesteps", "192"], tmp_path, monkeypatch)
+        at_n = tmp_path / "runs" / "b" / "at_192.state"
+        shutil.copy(tmp_path / "runs" / "b" / common.RESUME_FILE, at_n)
+        assert_same_tree(common.load_resume_state(tmp_path / "runs" / "a" / "resume_192.state", None)[1],
+                         common.load_resume_state(at_n, None)[1])
+    else:  # b: the uninterrupted run as it was at N (its logs of all 384 steps, which the resume purges after N)
+        shutil.copytree(tmp_path / "runs" / "a", tmp_path / "runs" / "b")
+        shutil.copy(tmp_path / "runs" / "b" / "resume_192.state", tmp_path / "runs" / "b" / common.RESUME_FILE)
     run_in_process(module, ["--resume", "runs/b", "--total-timesteps", "384"], tmp_path, monkeypatch)
 
     a, b = tmp_path / "runs" / "a", tmp_path / "runs" / "b"
@@ -243,20 +249,17 @@ def test_stopped_and_resumed_run_equals_the_run_that_did_not_stop(module, extra,
 
 
 def test_rfcl_stage1_resume_keeps_the_learner_and_restarts_the_same_episodes(demo_path, tmp_path, monkeypatch):
-    """Stop at N in stage 1: the learner, buffers, curricula and generators at N equal the uninterrupted run's, and
-    both runs restart the same episodes from the same demo states with the same first actions. The simulator then
+    """Resume at N in stage 1 (the state at N itself is compared tensor by tensor in the test above): both runs restart
+    the same episodes from the same demo states with the same first actions. The simulator then
     differs: PhysX keeps contact state from earlier steps that a restored demo state does not reset, so a fresh
     env process and one that has run for a while step the same state to slightly different next observations."""
     flags = [*SMALL, "--save-freq", "192", "--num-seeds", "20"]
     run_in_process(rfcl, [*flags, "--exp-name", "a", "--total-timesteps", "288"], tmp_path, monkeypatch, keep=True)
-    run_in_process(rfcl, [*flags, "--exp-name", "b", "--total-timesteps", "192"], tmp_path, monkeypatch)
-    at_n = tmp_path / "runs" / "b" / "at_192.state"
-    shutil.copy(tmp_path / "runs" / "b" / common.RESUME_FILE, at_n)
+    assert common.load_resume_state(tmp_path / "runs" / "a" / "resume_192.state", None)[1]["loop"]["stage"] == 1
+    shutil.copytree(tmp_path / "runs" / "a", tmp_path / "runs" / "b")
+    shutil.copy(tmp_path / "runs" / "b" / "resume_192.state", tmp_path / "runs" / "b" / common.RESUME_FILE)
     run_in_process(rfcl, ["--resume", "runs/b", "--total-timesteps", "288"], tmp_path, monkeypatch)
 
-    a_n = common.load_resume_state(tmp_path / "runs" / "a" / "resume_192.state", None)[1]
-    assert a_n["loop"]["stage"] == 1
-    assert_same_tree(a_n, common.load_resume_state(at_n, None)[1])
     a_end = common.load_resume_state(tmp_path / "runs" / "a" / common.RESUME_FILE, None)[1]["online"]["data"]
     b_end = common.load_resume_state(tmp_path / "runs" / "b" / common.RESUME_FILE, None)[1]["online"]["data"]
     rows = slice(192, 194)  # the first step after N, both envs

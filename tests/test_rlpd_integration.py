@@ -17,7 +17,8 @@ PRESETS = {
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
-def test_preset_run_writes_events_video_and_a_checkpoint_that_evaluates(preset, demo_path, tmp_path):
+def test_preset_run_writes_events_video_and_a_checkpoint_that_evaluates(preset, demo_path, tmp_path, monkeypatch,
+                                                                        capsys):
     name = f"rlpd_{preset}"
     run_script([str(ROOT / "rlpd.py"), "--preset", preset, "--exp-name", name, *COMMON, *PRESETS[preset]], tmp_path)
     run_dir = tmp_path / "runs" / name
@@ -33,10 +34,14 @@ def test_preset_run_writes_events_video_and_a_checkpoint_that_evaluates(preset, 
     assert len(list((run_dir / "videos").glob("eval_*.mp4"))) == 2
     assert (run_dir / "checkpoints" / "final.ckpt").exists()
 
-    proc = run_script([str(ROOT / "rlpd.py"), "--evaluate", "--checkpoint", str(run_dir / "checkpoints/final.ckpt"),
-                       "--exp-name", f"{name}_eval", "--num-eval-envs", "2", "--num-eval-episodes", "2",
-                       "--max-episode-steps", "5", "--no-capture-video"], tmp_path)
-    assert json.loads(proc.stdout.strip().splitlines()[-1])["eval/episodes"] == 2
+    import common
+    import rlpd
+
+    monkeypatch.chdir(tmp_path)  # --evaluate in this process (rfcl's runs as a subprocess in its own tests)
+    rlpd.main(common.parse_args(rlpd.Args, rlpd.PRESETS, "", [
+        "--evaluate", "--checkpoint", str(run_dir / "checkpoints/final.ckpt"), "--exp-name", f"{name}_eval",
+        "--num-eval-envs", "2", "--num-eval-episodes", "2", "--max-episode-steps", "5", "--no-capture-video"]))
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["eval/episodes"] == 2
 
     # the other script refuses it with a one-line error
     proc = run_script([str(ROOT / "rfcl.py"), "--evaluate", "--checkpoint", str(run_dir / "checkpoints/final.ckpt"),

@@ -1,14 +1,16 @@
 """benchmarks/suite.py: a tiny grid through submitit's local executor (the Slurm path's code), reuse of finished
-runs, and the checkpoint-and-requeue path that a Slurm time limit takes."""
+runs, and the checkpoint-and-requeue path that a Slurm time limit takes: a run stopped by SIGTERM to its process
+group mid-stage-1 saves, says how to go on, and the requeued job resumes it to its budget with continuous tags."""
 
 import json
 import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, read_scalars
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import suite  # noqa: E402
@@ -41,7 +43,7 @@ def test_a_tiny_grid_runs_through_submitit_then_is_reused(demo_path, tmp_path):
 def test_a_checkpointed_job_stops_its_run_and_the_requeued_job_resumes_it(demo_path, tmp_path):
     """What submitit does shortly before a Slurm time limit: job.checkpoint() (the run gets SIGTERM, saves its
     resume state), then the returned submission runs again in a new job and resumes the run to its budget."""
-    spec = suite.RunSpec("rfcl", "PickCube-v1", 2, 1, 3000, [*TINY, "--num-seed-steps=100000"])
+    spec = suite.RunSpec("rfcl", "PickCube-v1", 2, 1, 1200, [*TINY, "--num-seed-steps=100000", "--eval-freq=300"])
     run_dir = tmp_path / "runs" / "suite_job"
     job = suite.Job(spec, run_dir, tmp_path / "job.log")
     errors = []
@@ -51,15 +53,30 @@ def test_a_checkpointed_job_stops_its_run_and_the_requeued_job_resumes_it(demo_p
     while time.time() < deadline and not list(run_dir.glob("events.out.tfevents.*")):
         time.sleep(0.5)
     time.sleep(0.5)
-    requeued = job.checkpoint()
+    t0 = time.time()
+    requeued = job.checkpoint()  # SIGTERM to the run's process group, env workers included, as Slurm sends it
+    stop_seconds = time.time() - t0
     thread.join(timeout=120)
     assert "exited 143" in str(errors[0].value), "the run stopped on SIGTERM"
+    assert stop_seconds < 30, stop_seconds
     stopped = json.loads((run_dir / "summary.json").read_text())
-    assert stopped["stopped_by"] == "SIGTERM" and 0 < stopped["global_step"] < 3000
-    assert (run_dir / "resume.state").exists()
+    step = stopped["global_step"]
+    assert stopped["stopped_by"] == "SIGTERM" and 0 < step < 1200 and stopped["stage"] == 1
+    first = (tmp_path / "job.log").read_text()
+    assert "Traceback" not in first
+    assert f"stopped by SIGTERM at env step {step}; continue with: python rfcl.py --resume runs/suite_job" in first
+    assert (run_dir / "checkpoints" / f"step_{step:08d}.ckpt").exists() and (run_dir / "resume.state").exists()
     assert requeued.function.spec.command(run_dir)[2:4] == ["--resume", str(run_dir)]
     requeued.function()  # the new job
     done = json.loads((run_dir / "summary.json").read_text())
-    assert done["global_step"] == 3000 and done["stopped_by"] is None
+    assert done["global_step"] == 1200 and done["stopped_by"] is None
     log = (tmp_path / "job.log").read_text()
-    assert log.count("\n$ ") == 2 and "--resume" in log.split("\n$ ")[2]
+    assert log.count("\n$ ") == 2 and "--resume" in log.split("\n$ ")[2] and "Traceback" not in log
+    assert json.loads((run_dir / "args.json").read_text())["total_timesteps"] == 1200
+    scalars = read_scalars(run_dir)
+    for tag in ("charts/SPS", "curriculum/start_step_frac_mean", "eval/success_at_end"):
+        steps = [s for s, _ in scalars[tag]]
+        assert steps == sorted(set(steps)), f"{tag}: a step twice or out of order"
+        assert any(s <= step for s in steps) and any(s > step for s in steps), tag
+    log_steps = [s for s, _ in scalars["charts/SPS"]]
+    assert max(np.diff(log_steps)) <= 32 + 1, "no gap in the logged series across the resume"
