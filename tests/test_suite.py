@@ -76,7 +76,8 @@ def test_a_checkpointed_job_stops_its_run_and_the_requeued_job_resumes_it(demo_p
     scalars = read_scalars(run_dir)
     for tag in ("charts/SPS", "curriculum/start_step_frac_mean", "eval/success_at_end"):
         steps = [s for s, _ in scalars[tag]]
-        assert steps == sorted(set(steps)), f"{tag}: a step twice or out of order"
-        assert any(s <= step for s in steps) and any(s > step for s in steps), tag
+        assert steps == sorted(set(steps)) and steps[-1] > step, f"{tag}: a step twice, out of order, or none after"
+        if tag != "eval/success_at_end":  # eval every 300 steps may not have come before the stop
+            assert any(s <= step for s in steps), tag
     log_steps = [s for s, _ in scalars["charts/SPS"]]
     assert max(np.diff(log_steps)) <= 32 + 1, "no gap in the logged series across the resume"
