@@ -430,10 +430,9 @@ def plan_demos(env_id: str, num_demos: int, max_attempts: int, out_stem: str) ->
                         source_type="motionplanning",
                         source_desc="official motion planning solution from ManiSkill contributors",
                         record_reward=False, save_on_reset=False)
-    lengths, seconds, attempts, t_all = [], [], 0, time.time()
+    lengths, attempts, t_all = [], 0, time.time()
     with tqdm(total=num_demos, desc=f"planning {env_id}") as bar:
         while len(lengths) < num_demos and attempts < max_attempts:
-            t0 = time.time()
             try:
                 res = MP_SOLUTIONS[env_id](env, seed=attempts, debug=False, vis=False)
             except Exception as e:  # noqa: BLE001 - a failed plan is one failed attempt, as in ManiSkill's runner
@@ -443,7 +442,6 @@ def plan_demos(env_id: str, num_demos: int, max_attempts: int, out_stem: str) ->
             if res != -1 and bool(res[-1]["success"].item()):
                 env.flush_trajectory()
                 lengths.append(int(res[-1]["elapsed_steps"].item()))
-                seconds.append(time.time() - t0)
                 bar.update(1)
             else:
                 env.flush_trajectory(save=False)

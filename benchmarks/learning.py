@@ -124,6 +124,15 @@ def curves_json(curves: list[dict]) -> list[dict]:
 
 
 # ---- plotting --------------------------------------------------------------------------------------------
+def band(ax, curves: list[dict], label: str, key: str = "steps", scale: float = 1.0) -> None:
+    """One config on one axis: the mean success over its runs (interpolated on a common x up to the shortest run)
+    with a min-max band; x is `key` ("steps" or "wall_s") times `scale`."""
+    grid = np.linspace(0, min(c[key][-1] for c in curves), 100)
+    ys = np.array([np.interp(grid, c[key], c["success"]) for c in curves])
+    (line,) = ax.plot(grid * scale, ys.mean(0), label=label)
+    ax.fill_between(grid * scale, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
+
+
 def plot(groups: dict[str, list[dict]], path, tag: str = TAG) -> None:
     """Two panels, one line per group: mean over its runs with a min-max band, vs env steps and vs hours."""
     import matplotlib
@@ -135,11 +144,8 @@ def plot(groups: dict[str, list[dict]], path, tag: str = TAG) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
     for label, curves in groups.items():
         for ax, key, scale in ((axes[0], "steps", 1.0), (axes[1], "wall_s", 1 / 3600)):
-            grid = np.linspace(0, min(c[key][-1] for c in curves), 100)
-            ys = np.array([np.interp(grid, c[key], c["success"]) for c in curves])
             runs = f"{len(curves)} run" + ("s" if len(curves) > 1 else "")
-            (line,) = ax.plot(grid * scale, ys.mean(0), label=f"{label} ({runs})")
-            ax.fill_between(grid * scale, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
+            band(ax, curves, f"{label} ({runs})", key, scale)
     axes[0].xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1000:.0f}k"))
     axes[0].set_xlabel("env steps")
     axes[1].set_xlabel("wall-clock (hours)")

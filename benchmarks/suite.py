@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-import numpy as np
 import tyro
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,11 +214,8 @@ def report(a: Args, specs: list[RunSpec]) -> dict:
             curves_out[f"{env} {config}"] = learning.curves_json(curves)
             for c, row in zip(curves, learning.summarise(curves)["runs"]):
                 rows.append({"task": env, "config": config, **row, "stage1_end_step": stage1_end(Path(c["run"]))})
-            grid_x = np.linspace(0, min(c["steps"][-1] for c in curves), 100)
-            ys = np.array([np.interp(grid_x, c["steps"], c["success"]) for c in curves])
-            (line,) = ax.plot(grid_x, ys.mean(0), label=f"{algo.upper()}, {n} demos ({len(curves)} seed"
-                              + ("s" if len(curves) > 1 else "") + ")")
-            ax.fill_between(grid_x, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
+            seeds = f"{len(curves)} seed" + ("s" if len(curves) > 1 else "")
+            learning.band(ax, curves, f"{algo.upper()}, {n} demos ({seeds})")
         ax.set_title(env)
         ax.set_xlabel("env steps")
         ax.set_ylim(-0.02, 1.02)
