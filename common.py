@@ -13,6 +13,7 @@ Every user-facing failure is one line saying what was wrong and how to fix it (f
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import json
@@ -92,7 +93,8 @@ def parse_args(args_cls, presets: dict, description: str, argv=None, task_defaul
 RESUME_FILE = "resume.state"
 RESUME_FORMAT, RESUME_VERSION = "rfcl-jax resume state", 1
 # flags that change when and what is logged, saved or how long the run goes, never what it learns
-RESUME_FLAGS = ("total-timesteps", "eval-freq", "save-freq", "capture-video", "no-capture-video", "num-eval-episodes")
+RESUME_FLAGS = ("total-timesteps", "target-success", "target-evals", "eval-freq", "save-freq", "capture-video",
+                "no-capture-video", "num-eval-episodes")
 
 
 def resume_args(args_cls, argv, given: set, description: str, algorithm: Optional[str]):
@@ -188,9 +190,11 @@ def check_inputs(args, algorithm: str) -> tuple[Optional[dict], Path]:
         fail(f"{args.env_id} registers no max_episode_steps; give the episode horizon with --max-episode-steps")
     for name in ("total_timesteps", "num_envs", "num_eval_envs", "num_eval_episodes", "steps_per_env",
                  "grad_updates_per_step", "eval_freq", "save_freq", "log_freq", "buffer_size", "batch_size",
-                 "max_episode_steps", "actor_update_freq", "num_qs"):
+                 "max_episode_steps", "actor_update_freq", "num_qs", "target_evals"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.target_success is not None and not 0 <= args.target_success <= 1:
+        fail(f"--target-success is an eval success rate in [0, 1], got {args.target_success}")
     if args.batch_size % 2:
         fail("--batch-size must be even (half online, half offline)")
     if not 1 <= args.num_min_qs <= args.num_qs:
@@ -665,6 +669,14 @@ class CPUEnvs:
         self.obs_dim = self.envs.single_observation_space.shape[0]
         self.act_dim = self.envs.single_action_space.shape[0]
         self.obs = np.zeros((num_envs, self.obs_dim), np.float32)
+        # the workers ignore SIGTERM (see CPUWorkerEnv), so multiprocessing's exit handler, which terminates and
+        # joins them, would wait forever after an error in the main process: this one, registered later, runs first
+        atexit.register(self._kill)
+
+    def _kill(self):
+        for p in self.envs.processes:
+            if p.is_alive():
+                p.kill()
 
     def reset(self, mask, seeds, demo_starts=None):
         options = {"reset_mask": np.asarray(mask, bool)}
@@ -688,9 +700,9 @@ class CPUEnvs:
     def close(self, now: bool = False):
         """now: kill the workers instead of letting each simulator shut down (about 14 s for 16 workers on 2 cores),
         for a run that has saved everything and was told to stop."""
+        atexit.unregister(self._kill)
         if now:
-            for p in self.envs.processes:
-                p.kill()
+            self._kill()
         self.envs.close(terminate=now)
 
 
@@ -869,19 +881,21 @@ class RunLog:
         self.last = {"log": 0, "eval": 0, "save": 0}  # env step of the last of each
         self.episodes = {"return": [], "success_at_end": [], "success_once": []}
         self.last_success = float("nan")
+        self.evals = []  # (step, eval success_at_end) of every eval, for --target-success
         self.t_start = time.time()
         self.pbar = tqdm(total=args.total_timesteps, unit="step", dynamic_ncols=True, smoothing=0.05)
 
     def state_dict(self) -> dict:
         """The schedule, the time split, wall-clock so far and the finished episodes not yet logged (--resume)."""
         return {"last": dict(self.last), "seconds": dict(self.seconds), "episodes": self.episodes,
-                "last_success": self.last_success, "elapsed": time.time() - self.t_start}
+                "last_success": self.last_success, "evals": self.evals, "elapsed": time.time() - self.t_start}
 
     def load_state_dict(self, d: dict, step: int) -> None:
         self.last = {k: int(v) for k, v in d["last"].items()}
         self.seconds = {k: float(v) for k, v in d["seconds"].items()}
         self.episodes = {k: [float(x) for x in v] for k, v in d["episodes"].items()}
         self.last_success = float(d["last_success"])
+        self.evals = [[int(t), float(v)] for t, v in d.get("evals", [])]  # absent from states before --target-success
         self.t_start = time.time() - float(d["elapsed"])  # SPS and the time split continue over the whole run
         self.pbar.reset(total=self.args.total_timesteps)
         self.pbar.update(step)
@@ -927,18 +941,31 @@ class RunLog:
             video = str(self.run_dir / "videos" / f"eval_{step:08d}.mp4") if self.args.capture_video else None
             metrics = evaluate(envs, act_fn, self.args.max_episode_steps, self.args.num_eval_episodes, video)
         self.last_success = metrics["eval/success_at_end"]
+        self.evals.append([step, self.last_success])
         for k, v in metrics.items():
             self.writer.add_scalar(k, v, step)
         tqdm.write(f"step {step}: eval success_at_end {self.last_success:.3f} success_once "
                    f"{metrics['eval/success_once']:.3f} ({metrics['eval/episodes']} episodes)")
+        if self.target_reached:
+            tqdm.write(f"step {step}: eval success_at_end >= {self.args.target_success} in the last "
+                       f"{self.args.target_evals} evals (--target-success): the run ends here")
         return metrics
+
+    @property
+    def target_reached(self) -> bool:
+        """--target-success: the last --target-evals evals all reached it (judged with the flags as they are now,
+        so a resumed run may change them)."""
+        last = [v for _, v in self.evals[-self.args.target_evals:]]
+        return (self.args.target_success is not None and len(last) == self.args.target_evals
+                and min(last) >= self.args.target_success)
 
     def finish(self, step: int, stop: Optional[StopRequest] = None, **extra) -> dict:
         """runs/<exp-name>/summary.json, also printed; after a stop signal, one line on what was saved."""
         self.pbar.close()
         if stop is not None:
             stop.restore()
-        summary = {"global_step": step, "stopped_by": stop.name if stop else None, **extra,
+        summary = {"global_step": step, "stopped_by": stop.name if stop else None,
+                   "target_reached": self.target_reached, **extra,
                    "eval_success_at_end": None if np.isnan(self.last_success) else self.last_success,
                    "wall_clock_s": time.time() - self.t_start,
                    **{f"time_{k}_s": v for k, v in self.seconds.items()}}

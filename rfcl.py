@@ -81,6 +81,11 @@ class Args:
     # training loop
     total_timesteps: int = 1_000_000
     """env steps to train for"""
+    target_success: Optional[float] = None
+    """end the run early, as finished, once eval success_at_end is at or above this in --target-evals evals in a
+    row (default: train for all --total-timesteps)"""
+    target_evals: int = 3
+    """evals in a row at or above --target-success that end the run"""
     num_seed_steps: int = 5_000
     """env steps collected before updates start: uniform random actions at the start of stage 1; at the start
     of stage 2 the policy refills the new, empty online buffer for as many steps before updates resume (published)"""
@@ -767,7 +772,7 @@ def main(args: Args) -> None:
         if run.due("eval", global_step):
             run.evaluate(eval_envs, partial(policy_det, state.actor.params), global_step)
         stopping = bool(stop)  # a signal stops the run here, at an iteration boundary
-        done = stopping or global_step >= args.total_timesteps
+        done = stopping or global_step >= args.total_timesteps or run.target_reached
         saving = run.due("save", global_step)
         names = [f"step_{global_step:08d}.ckpt"] * (saving or stopping) + ["final.ckpt"] * (done and not stopping)
         for name in names:

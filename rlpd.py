@@ -76,6 +76,11 @@ class Args:
     # training loop
     total_timesteps: int = 1_000_000
     """env steps to train for"""
+    target_success: Optional[float] = None
+    """end the run early, as finished, once eval success_at_end is at or above this in --target-evals evals in a
+    row (default: train for all --total-timesteps)"""
+    target_evals: int = 3
+    """evals in a row at or above --target-success that end the run"""
     num_seed_steps: int = 5_000
     """env steps of uniform random actions before learning starts"""
     steps_per_env: int = 4
@@ -515,7 +520,7 @@ def main(args: Args) -> None:
         if run.due("eval", global_step):
             run.evaluate(eval_envs, partial(policy_det, state.actor.params), global_step)
         stopping = bool(stop)  # a signal stops the run here, at an iteration boundary
-        done = stopping or global_step >= args.total_timesteps
+        done = stopping or global_step >= args.total_timesteps or run.target_reached
         saving = run.due("save", global_step)
         names = [f"step_{global_step:08d}.ckpt"] * (saving or stopping) + ["final.ckpt"] * (done and not stopping)
         for name in names:

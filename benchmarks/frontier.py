@@ -4,11 +4,13 @@
 
 For each demo and each start step t = 0, every, 2*every, ... it resets the env to the demo's state t (as stage 1
 does), then runs the policy for the stage-1 time limit 16 + (T - t) // ratio, and records whether the episode
-succeeded at some step, whether the cube was ever grasped and ever placed at the goal, and the step of the first
-success. Deterministic (policy mean) once per start, since CPU simulation repeats exactly; with --stochastic N also
-N sampled-action episodes, as training episodes act. A start that fails with grasped = 0 failed to grasp; with
-grasped = 1 and placed = 0 it dropped or never carried the cube; with placed = 1 it never held still (PickCube's
-success needs a static arm). Prints a markdown table; --out also writes it with a json.
+succeeded at some step, the step of the first success, and which of the task's own flags (the booleans its
+evaluate() reports besides success, e.g. PickCube's is_grasped, is_obj_placed, is_robot_static; StackCube's
+is_cubeA_grasped, is_cubeA_on_cubeB, is_cubeA_static) were ever true. Deterministic (policy mean) once per start,
+since CPU simulation repeats exactly; with --stochastic N also N sampled-action episodes, as training episodes act.
+On PickCube a start that fails with is_grasped never true failed to grasp; with is_grasped but not is_obj_placed it
+dropped or never carried the cube; with is_obj_placed it never held still. Prints a markdown table; --out also
+writes it with a json.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import tyro
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+NOT_FLAGS = ("success", "fail", "success_once", "success_at_end")  # success is its own column; fail is the env's
 
 
 @dataclass
@@ -75,7 +78,8 @@ def probe(a: Args) -> dict:
     def episode(i: int, t: int, key=None) -> dict:
         obs, _ = env.reset(options={"demo_starts": [(i, t)]})
         horizon = reverse.horizon(i, t)
-        r = dict(once=False, grasped=False, placed=False, first=None)
+        r = dict(once=False, first=None)
+        flags = {}  # the task's boolean evaluate() flags: ever true in this episode
         steps = min(horizon, int(demos.lengths[i]) - t) if a.demo_actions else horizon
         for step in range(steps):
             o = jnp.asarray(obs[None], jnp.float32)
@@ -87,12 +91,13 @@ def probe(a: Args) -> dict:
                 key, k = jax.random.split(key)
                 act = sample(o, k)
             obs, _, _, _, info = env.step(np.asarray(act)[0])
-            r["grasped"] |= bool(info.get("is_grasped", False))
-            r["placed"] |= bool(info.get("is_obj_placed", False))
+            for name, v in info.items():
+                if name not in NOT_FLAGS and np.asarray(v).dtype == bool:
+                    flags[name] = flags.get(name, False) or bool(v)
             if info["success"] and r["first"] is None:
                 r["first"] = step + 1
             r["once"] |= bool(info["success"])
-        return {**r, "horizon": horizon}
+        return {**r, "horizon": horizon, "flags": flags}
 
     rows = []
     for i in range(demos.num_trajectories):
@@ -101,7 +106,8 @@ def probe(a: Args) -> dict:
             if a.stochastic and not a.demo_actions:
                 key, *ks = jax.random.split(key, a.stochastic + 1)
                 eps = [episode(i, t, k) for k in ks]
-                row.update({f"sto_{m}": float(np.mean([e[m] for e in eps])) for m in ("once", "grasped", "placed")})
+                row["sto_once"] = float(np.mean([e["once"] for e in eps]))
+                row["sto_flags"] = {k: float(np.mean([e["flags"].get(k, False) for e in eps])) for k in row["flags"]}
             rows.append(row)
             print(f"demo {i} start {t}: success_once {int(row['once'])}", file=sys.stderr, flush=True)
     env.close()
@@ -110,20 +116,21 @@ def probe(a: Args) -> dict:
 
 
 def table(result: dict, stochastic: bool) -> str:
-    head = "| demo | T | start | time limit | success_once | grasped | placed | first success at |"
-    sep = "| --- | --- | --- | --- | --- | --- | --- | --- |"
+    flags = list(dict.fromkeys(k for r in result["rows"] for k in r["flags"]))
+    cols = ["demo", "T", "start", "time limit", "success_once", *flags, "first success at"]
     if stochastic:
-        head += " sampled: success_once | grasped | placed |"
-        sep += " --- | --- | --- |"
+        cols += ["sampled: success_once", *flags]
     who = ("the demos' own actions" if result["demo_actions"] else
            "deterministic policy" + (" and sampled actions" if stochastic else ""))
-    lines = [f"Checkpoint `{result['checkpoint']}` ({result['global_step']} env steps), {who}", "", head, sep]
+    lines = [f"Checkpoint `{result['checkpoint']}` ({result['global_step']} env steps), {who}. A flag column says "
+             "whether the task's evaluate() flag was ever true in the episode (sampled: in which fraction).", "",
+             "| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     for r in result["rows"]:
-        line = (f"| {r['demo']} | {r['T']} | {r['start']} | {r['horizon']} | {int(r['once'])} | {int(r['grasped'])} "
-                f"| {int(r['placed'])} | {r['first'] if r['first'] is not None else '-'} |")
+        cells = [r["demo"], r["T"], r["start"], r["horizon"], int(r["once"]),
+                 *(int(r["flags"].get(k, False)) for k in flags), r["first"] if r["first"] is not None else "-"]
         if stochastic:
-            line += f" {r['sto_once']:.2f} | {r['sto_grasped']:.2f} | {r['sto_placed']:.2f} |"
-        lines.append(line)
+            cells += [f"{r['sto_once']:.2f}", *(f"{r['sto_flags'].get(k, 0):.2f}" for k in flags)]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -2,12 +2,13 @@
 panel per task and write one table.
 
     python benchmarks/suite.py --configs rfcl:5 rlpd:100 --env-ids PushCube-v1 StackCube-v1 --seeds 1 2 \\
-        --budgets PushCube-v1=300000 StackCube-v1=1000000 --parallel 2
+        --budgets PushCube-v1=300000 StackCube-v1=1000000 --target-success 0.9 --parallel 2
     python benchmarks/suite.py ... --executor slurm --slurm-partition gpu --slurm-time-min 240
     python benchmarks/suite.py ... --executor none          # only the figure and table, from the runs there are
 
 A config is ALGO:NUM_DEMOS. Each run lives in runs/<prefix>_<algo>_<env>_d<demos>_s<seed>/. A run that finished
-its budget is reused, never rerun; one with a resume state continues with --resume; any other starts fresh.
+(its budget spent or its --target-success reached) is reused, never rerun; one with a resume state continues with
+--resume; any other starts fresh.
 Executors:
   * local:          --parallel runs at a time on this machine (plain subprocesses).
   * slurm:          one Slurm job per run through submitit. Shortly before the job's time limit submitit asks the run
@@ -49,6 +50,9 @@ class Args:
     """budget of every run, unless --budgets names its env id"""
     budgets: list[str] = field(default_factory=list)
     """per-task budgets, ENV_ID=STEPS"""
+    target_success: Optional[float] = None
+    """end a run early, as finished, once its eval success_at_end stays at or above this (the scripts'
+    --target-success, 3 evals in a row by default)"""
     extra: list[str] = field(default_factory=list)
     """further flags for every run, e.g. --extra=--no-capture-video"""
     prefix: str = "suite"
@@ -88,7 +92,7 @@ class RunSpec:
             s = json.loads((run_dir / "summary.json").read_text())
         except (OSError, ValueError):
             return False
-        return s.get("stopped_by") is None and s.get("global_step", 0) >= self.total
+        return s.get("stopped_by") is None and (s.get("global_step", 0) >= self.total or bool(s.get("target_reached")))
 
     def command(self, run_dir: Path) -> list[str]:
         """The one line a job runs, first time or requeued: resume if there is a resume state, else start."""
@@ -138,6 +142,7 @@ def grid(a: Args) -> list[RunSpec]:
     for b in a.budgets:
         env, _, steps = b.partition("=")
         budgets[env] = int(steps)
+    extra = [*a.extra, *(["--target-success", str(a.target_success)] if a.target_success is not None else [])]
     specs = []
     for c in a.configs:
         algo, _, n = c.partition(":")
@@ -145,7 +150,7 @@ def grid(a: Args) -> list[RunSpec]:
             raise SystemExit(f"error: --configs takes ALGO:NUM_DEMOS (rfcl or rlpd), got {c!r}")
         for env in a.env_ids:
             for seed in a.seeds:
-                specs.append(RunSpec(algo, env, int(n), seed, budgets.get(env, a.total_timesteps), list(a.extra)))
+                specs.append(RunSpec(algo, env, int(n), seed, budgets.get(env, a.total_timesteps), list(extra)))
     return specs
 
 

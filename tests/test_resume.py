@@ -59,6 +59,7 @@ def test_round_trip_restores_every_tensor_curriculum_field_generator_and_buffer(
         forward.report(forward.sample(), bool(rng.integers(2)))
     run = common.RunLog(args, tmp_path, common.SummaryWriter(str(tmp_path)))
     run.episode_ended(1.0, True, True)
+    run.evals.append([32, 0.5])  # an eval's step and success_at_end, which --target-success judges
     run.due("log", 64)
     loop = {"global_step": 64, "stage": 1, "stage1_end_step": None, "grad_updates": 3}
     key = jax.random.PRNGKey(7)
@@ -85,7 +86,7 @@ def test_round_trip_restores_every_tensor_curriculum_field_generator_and_buffer(
         assert_same_tree(a.data, b.data)
     assert [list(w) for w in reverse.windows] == [list(w) for w in reverse2.windows]
     assert [w.maxlen for w in reverse2.windows] == [3, 3, 3] and forward2.histories[0].maxlen == 5
-    assert run2.last == run.last and run2.episodes == run.episodes
+    assert run2.last == run.last and run2.episodes == run.episodes and run2.evals == [[32, 0.5]]
     np.testing.assert_array_equal(rng.integers(0, 10**9, 5), rng2.integers(0, 10**9, 5))
     np.testing.assert_array_equal(jax.random.split(key), jax.random.split(key2))
     # the restored learner takes the same next update as the original
@@ -122,10 +123,11 @@ def resume_error(module, *argv) -> str:
 
 def test_resume_takes_args_json_and_only_the_flags_that_cannot_change_the_algorithm(saved_run):
     args = parse(rfcl, "--resume", str(saved_run), "--total-timesteps", "500", "--eval-freq", "7",
-                 "--no-capture-video", "--num-eval-episodes", "3", "--save-freq=9")
+                 "--no-capture-video", "--num-eval-episodes", "3", "--save-freq=9", "--target-success", "0.9",
+                 "--target-evals", "4")
     saved = json.loads((saved_run / "args.json").read_text())
     changed = {"total_timesteps": 500, "eval_freq": 7, "capture_video": False, "num_eval_episodes": 3,
-               "save_freq": 9, "resume": str(saved_run)}
+               "save_freq": 9, "target_success": 0.9, "target_evals": 4, "resume": str(saved_run)}
     assert dataclasses.asdict(args) == {**saved, **changed, "hidden_dims": tuple(saved["hidden_dims"])}
 
 
@@ -137,7 +139,8 @@ def test_bad_resume_inputs_are_one_line_errors_and_change_nothing(saved_run, tmp
         "error: --resume " + str(tmp_path / "runs" / "nope") + ": no such run directory")
     assert resume_error(rfcl, "--resume", str(saved_run), "--gamma", "0.5") == (
         "error: --gamma cannot be given with --resume: the run's args.json fixes it; only --total-timesteps, "
-        "--eval-freq, --save-freq, --capture-video, --no-capture-video, --num-eval-episodes may change")
+        "--target-success, --target-evals, --eval-freq, --save-freq, --capture-video, --no-capture-video, "
+        "--num-eval-episodes may change")
     assert resume_error(rfcl, "--resume", str(saved_run), "--env-id", "PushCube-v1").startswith(
         "error: --env-id cannot be given with --resume")
     assert resume_error(rlpd, "--resume", str(saved_run)) == (
@@ -268,6 +271,26 @@ def test_rfcl_stage1_resume_keeps_the_learner_and_restarts_the_same_episodes(dem
     np.testing.assert_allclose(a_end["next_obs"][rows], b_end["next_obs"][rows], atol=0.05)
     assert {t: [s for s, _ in v] for t, v in read_scalars(tmp_path / "runs" / "a").items()} == {
         t: [s for s, _ in v] for t, v in read_scalars(tmp_path / "runs" / "b").items()}, "same steps, once each"
+
+
+
+def test_target_success_ends_a_run_as_finished(demo_path, tmp_path, monkeypatch):
+    """Every eval meets --target-success 0: the run ends, finished, at its --target-evals-th eval instead of at its
+    budget, and suite.py counts it as done."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import suite
+
+    assert resume_error(rlpd, "--target-success", "1.5") == (
+        "error: --target-success is an eval success rate in [0, 1], got 1.5")
+    run_dir = tmp_path / "runs" / "t"
+    run_in_process(rlpd, [*SMALL, "--eval-freq", "64", "--target-success", "0", "--target-evals", "2",
+                          "--total-timesteps", "100000", "--exp-name", "t"], tmp_path, monkeypatch)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["global_step"], summary["target_reached"], summary["stopped_by"]) == (128, True, None)
+    assert [s for s, _ in read_scalars(run_dir)["eval/success_at_end"]] == [64, 128]
+    assert (run_dir / "checkpoints" / "final.ckpt").exists()
+    assert suite.RunSpec("rlpd", "PickCube-v1", 2, 1, 100000, []).finished(run_dir)
+    assert not suite.RunSpec("rlpd", "PickCube-v1", 2, 1, 100000, []).finished(tmp_path / "runs" / "none")
 
 
 if __name__ == "__main__":
