@@ -882,20 +882,25 @@ class RunLog:
         self.episodes = {"return": [], "success_at_end": [], "success_once": []}
         self.last_success = float("nan")
         self.evals = []  # (step, eval success_at_end) of every eval, for --target-success
+        # where it ran: a resumed run may continue on another machine
+        self.machines = [f"{os.cpu_count()} CPU cores, JAX on {jax.devices()[0].device_kind}"]
         self.t_start = time.time()
         self.pbar = tqdm(total=args.total_timesteps, unit="step", dynamic_ncols=True, smoothing=0.05)
 
     def state_dict(self) -> dict:
         """The schedule, the time split, wall-clock so far and the finished episodes not yet logged (--resume)."""
         return {"last": dict(self.last), "seconds": dict(self.seconds), "episodes": self.episodes,
-                "last_success": self.last_success, "evals": self.evals, "elapsed": time.time() - self.t_start}
+                "last_success": self.last_success, "evals": self.evals, "machines": self.machines,
+                "elapsed": time.time() - self.t_start}
 
     def load_state_dict(self, d: dict, step: int) -> None:
         self.last = {k: int(v) for k, v in d["last"].items()}
         self.seconds = {k: float(v) for k, v in d["seconds"].items()}
         self.episodes = {k: [float(x) for x in v] for k, v in d["episodes"].items()}
         self.last_success = float(d["last_success"])
-        self.evals = [[int(t), float(v)] for t, v in d.get("evals", [])]  # absent from states before --target-success
+        # both absent from states written before --target-success
+        self.evals = [[int(t), float(v)] for t, v in d.get("evals", [])]
+        self.machines = list(dict.fromkeys([*d.get("machines", []), *self.machines]))
         self.t_start = time.time() - float(d["elapsed"])  # SPS and the time split continue over the whole run
         self.pbar.reset(total=self.args.total_timesteps)
         self.pbar.update(step)
@@ -967,7 +972,7 @@ class RunLog:
         summary = {"global_step": step, "stopped_by": stop.name if stop else None,
                    "target_reached": self.target_reached, **extra,
                    "eval_success_at_end": None if np.isnan(self.last_success) else self.last_success,
-                   "wall_clock_s": time.time() - self.t_start,
+                   "wall_clock_s": time.time() - self.t_start, "machines": self.machines,
                    **{f"time_{k}_s": v for k, v in self.seconds.items()}}
         write_json(self.run_dir / "summary.json", summary)
         print(json.dumps(summary))

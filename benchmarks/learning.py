@@ -54,8 +54,10 @@ class Args:
 
 # ---- reading logs --------------------------------------------------------------------------------------
 def read_run(run_dir, tag: str = TAG) -> dict:
-    """One tag of one run (eval success_at_end by default): steps, values ("success"), wall-clock seconds since
-    the run's first event, and the last SPS."""
+    """One tag of one run (eval success_at_end by default): steps, values ("success"), wall-clock seconds of
+    training at each of them, and the last SPS. The seconds come from charts/SPS (env steps / the run's own clock,
+    which a resumed run continues, leaving out the time it was stopped), interpolated between log steps; a run
+    without SPS events falls back to the seconds since its first event."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
@@ -65,10 +67,16 @@ def read_run(run_dir, tag: str = TAG) -> dict:
         raise ValueError(f"{run_dir} has no {tag} events; is it an rfcl.py/rlpd.py run that logged it at least once?")
     events = acc.Scalars(tag)
     t0 = min(e.wall_time for t in tags for e in acc.Scalars(t)[:1])
-    sps = [e.value for e in acc.Scalars("charts/SPS")] if "charts/SPS" in tags else []
-    curve = {"run": str(run_dir), "steps": np.array([e.step for e in events]),
-             "success": np.array([e.value for e in events]),
-             "wall_s": np.array([e.wall_time - t0 for e in events]), "sps": float(sps[-1]) if sps else float("nan")}
+    sps_events = acc.Scalars("charts/SPS") if "charts/SPS" in tags else []
+    sps = [e.value for e in sps_events]
+    steps = np.array([e.step for e in events])
+    if sps_events:
+        log_steps = np.array([e.step for e in sps_events], float)
+        wall_s = np.interp(steps, np.r_[0.0, log_steps], np.r_[0.0, log_steps / np.maximum(sps, 1e-9)])
+    else:
+        wall_s = np.array([e.wall_time - t0 for e in events])
+    curve = {"run": str(run_dir), "steps": steps, "success": np.array([e.value for e in events]),
+             "wall_s": wall_s, "sps": float(sps[-1]) if sps else float("nan")}
     if tag == TAG and ONCE in tags:  # logged at the same steps as success_at_end
         curve["once"] = np.array([e.value for e in acc.Scalars(ONCE)])
     return curve

@@ -16,8 +16,9 @@ Executors:
                     requeued; the requeued job runs the same line, which now resumes.
   * submitit-local: submitit's local executor (same code path as slurm, no cluster; the tests use it).
 Writes <out>/<name>.png (eval success_at_end vs env steps, a panel per task, a line per config, mean and min-max
-over seeds), <out>/<name>.md (for every run: steps and wall-clock to 0.5 and 0.9 of success_at_end and
-success_once, RFCL's stage-1 end, final success, env steps/s) and <out>/<name>.json (the same with the curves).
+over seeds), <out>/<name>.md (for every run: env steps and wall-clock of training to 0.5 and 0.9 of success_at_end
+and success_once, RFCL's stage-1 end, the last eval, how the run ended, env steps/s, the machine) and
+<out>/<name>.json (the same with the curves).
 """
 
 from __future__ import annotations
@@ -197,6 +198,18 @@ def stage1_end(run_dir: Path) -> Optional[int]:
         return None
 
 
+def run_status(run_dir: Path) -> dict:
+    """How the run ended (budget, target reached, stopped and resumable, or still running) and where it ran."""
+    try:
+        s = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {"ended": "running, or killed", "machine": "-"}
+    resumable = ", resumable" if (run_dir / "resume.state").exists() else ""
+    ended = ("target reached" if s.get("target_reached") else
+             f"stopped ({s['stopped_by']}){resumable}" if s.get("stopped_by") else "budget")
+    return {"ended": ended, "machine": " + ".join(s.get("machines", [])) or "-"}
+
+
 def report(a: Args, specs: list[RunSpec]) -> dict:
     """One figure (a panel per task, a line per config) and one table over all runs that have eval events."""
     import matplotlib
@@ -218,7 +231,8 @@ def report(a: Args, specs: list[RunSpec]) -> dict:
                 continue
             curves_out[f"{env} {config}"] = learning.curves_json(curves)
             for c, row in zip(curves, learning.summarise(curves)["runs"]):
-                rows.append({"task": env, "config": config, **row, "stage1_end_step": stage1_end(Path(c["run"]))})
+                rows.append({"task": env, "config": config, **row, "stage1_end_step": stage1_end(Path(c["run"])),
+                             **run_status(Path(c["run"]))})
             seeds = f"{len(curves)} seed" + ("s" if len(curves) > 1 else "")
             learning.band(ax, curves, f"{algo.upper()}, {n} demos ({seeds})")
         ax.set_title(env)
@@ -235,15 +249,19 @@ def report(a: Args, specs: list[RunSpec]) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     fig.savefig(out / f"{a.name}.png")
     plt.close(fig)
-    fmt = lambda v, f="{:,}": "not reached" if v is None else f.format(v)  # noqa: E731
-    lines = ["| task | config | run | stage 1 ends | steps to 0.5 | to 0.9 | wall-clock to 0.9 | success_once: "
-             "steps to 0.5 | to 0.9 | final success_at_end | env steps/s |", "|" + " --- |" * 11]
+    def reach(r, prefix, th):
+        steps, wall = r[f"{prefix}steps_to_{th}"], r[f"{prefix}wall_s_to_{th}"]
+        return "not reached" if steps is None else f"{steps:,} ({wall:.0f} s)"
+
+    lines = ["| task | config | run | stage 1 ends | success_at_end: 0.5 | 0.9 | success_once: 0.5 | 0.9 | "
+             "last eval: at_end / once | ended | env steps/s | machine |", "|" + " --- |" * 12]
     for r in rows:
-        lines.append(f"| {r['task']} | {r['config']} | {Path(r['run']).name} | "
-                     f"{'-' if r['config'].startswith('rlpd') else fmt(r['stage1_end_step'])} | "
-                     f"{fmt(r['steps_to_0.5'])} | {fmt(r['steps_to_0.9'])} | {fmt(r['wall_s_to_0.9'], '{:.0f} s')} | "
-                     f"{fmt(r.get('once_steps_to_0.5'))} | {fmt(r.get('once_steps_to_0.9'))} | "
-                     f"{r['final_success']:.2f} at {r['final_step']:,} | {r['sps']:.0f} |")
+        stage1 = "-" if r["config"].startswith("rlpd") else (
+            "not reached" if r["stage1_end_step"] is None else f"{r['stage1_end_step']:,}")
+        lines.append(f"| {r['task']} | {r['config']} | {Path(r['run']).name} | {stage1} | {reach(r, '', 0.5)} | "
+                     f"{reach(r, '', 0.9)} | {reach(r, 'once_', 0.5)} | {reach(r, 'once_', 0.9)} | "
+                     f"{r['final_success']:.2f} / {r.get('final_success_once', float('nan')):.2f} at "
+                     f"{r['final_step']:,} | {r['ended']} | {r['sps']:.0f} | {r['machine']} |")
     md = "\n".join(lines) + "\n"
     (out / f"{a.name}.md").write_text(md)
     (out / f"{a.name}.json").write_text(json.dumps({"rows": rows, "curves": curves_out}, indent=1))

@@ -87,6 +87,7 @@ def test_round_trip_restores_every_tensor_curriculum_field_generator_and_buffer(
     assert [list(w) for w in reverse.windows] == [list(w) for w in reverse2.windows]
     assert [w.maxlen for w in reverse2.windows] == [3, 3, 3] and forward2.histories[0].maxlen == 5
     assert run2.last == run.last and run2.episodes == run.episodes and run2.evals == [[32, 0.5]]
+    assert run2.machines == run.machines and run.machines[0].endswith("JAX on cpu")
     np.testing.assert_array_equal(rng.integers(0, 10**9, 5), rng2.integers(0, 10**9, 5))
     np.testing.assert_array_equal(jax.random.split(key), jax.random.split(key2))
     # the restored learner takes the same next update as the original

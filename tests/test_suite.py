@@ -31,6 +31,7 @@ def test_a_tiny_grid_runs_through_submitit_then_is_reused(demo_path, tmp_path):
         assert summary["global_step"] == total and summary["stopped_by"] is None
     md = (tmp_path / "out" / "tiny.md").read_text()
     assert "| PickCube-v1 | rlpd:2 | suite_PickCube_rlpd_d2_s1 |" in md and "| PushCube-v1 | rlpd:2 |" in md
+    assert md.count(" | budget | ") == 2 and md.count(" CPU cores, JAX on cpu |") == 2  # how it ended, where it ran
     assert (tmp_path / "out" / "tiny.png").stat().st_size > 10_000
     assert set(json.loads((tmp_path / "out" / "tiny.json").read_text())["curves"]) == {"PickCube-v1 rlpd:2",
                                                                                         "PushCube-v1 rlpd:2"}
