@@ -72,6 +72,8 @@ class Args:
     """submitit's and the runs' logs, under --root"""
     name: str = "suite"
     """output file stem"""
+    machine: str = "-"
+    """the table's machine for runs whose summary.json does not record one (made before it did)"""
     out: str = "benchmarks/results"
 
 
@@ -198,16 +200,17 @@ def stage1_end(run_dir: Path) -> Optional[int]:
         return None
 
 
-def run_status(run_dir: Path) -> dict:
-    """How the run ended (budget, target reached, stopped and resumable, or still running) and where it ran."""
+def run_status(run_dir: Path, machine: str = "-") -> dict:
+    """How the run ended (budget, target reached, stopped and resumable, or still running) and where it ran
+    (`machine` where its summary does not say)."""
     try:
         s = json.loads((run_dir / "summary.json").read_text())
     except (OSError, ValueError):
-        return {"ended": "running, or killed", "machine": "-"}
+        return {"ended": "running, or killed", "machine": machine}
     resumable = ", resumable" if (run_dir / "resume.state").exists() else ""
     ended = ("target reached" if s.get("target_reached") else
              f"stopped ({s['stopped_by']}){resumable}" if s.get("stopped_by") else "budget")
-    return {"ended": ended, "machine": " + ".join(s.get("machines", [])) or "-"}
+    return {"ended": ended, "machine": " + ".join(s.get("machines", [])) or machine}
 
 
 def report(a: Args, specs: list[RunSpec]) -> dict:
@@ -232,7 +235,7 @@ def report(a: Args, specs: list[RunSpec]) -> dict:
             curves_out[f"{env} {config}"] = learning.curves_json(curves)
             for c, row in zip(curves, learning.summarise(curves)["runs"]):
                 rows.append({"task": env, "config": config, **row, "stage1_end_step": stage1_end(Path(c["run"])),
-                             **run_status(Path(c["run"]))})
+                             **run_status(Path(c["run"]), a.machine)})
             seeds = f"{len(curves)} seed" + ("s" if len(curves) > 1 else "")
             learning.band(ax, curves, f"{algo.upper()}, {n} demos ({seeds})")
         ax.set_title(env)
