@@ -12,16 +12,19 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import learning  # noqa: E402
 
 
-def write_run(path, successes, step=10_000, t0=1_000_000.0, seconds_per_eval=100.0, sps=None, once=None):
+def write_run(path, successes, step=10_000, t0=1_000_000.0, seconds_per_eval=100.0, once=None, stopped=(0, 0.0)):
+    """Evals every `step` env steps, `seconds_per_eval` of training apart; SPS as the scripts log it (env steps over
+    the run's own clock). stopped=(i, s): the run was stopped for s seconds after eval i, then resumed."""
     from torch.utils.tensorboard import SummaryWriter
 
     w = SummaryWriter(str(path))
-    w.add_scalar("charts/SPS", 50.0, 0, walltime=t0)
+    w.add_scalar("charts/SPS", 0.0, 0, walltime=t0)
     for i, s in enumerate(successes, 1):
-        w.add_scalar("eval/success_at_end", s, i * step, walltime=t0 + i * seconds_per_eval)
+        wall = t0 + i * seconds_per_eval + (stopped[1] if stopped[0] and i > stopped[0] else 0.0)
+        w.add_scalar("eval/success_at_end", s, i * step, walltime=wall)
         if once is not None:
-            w.add_scalar("eval/success_once", once[i - 1], i * step, walltime=t0 + i * seconds_per_eval)
-        w.add_scalar("charts/SPS", sps or 60.0 + i, i * step, walltime=t0 + i * seconds_per_eval)
+            w.add_scalar("eval/success_once", once[i - 1], i * step, walltime=wall)
+        w.add_scalar("charts/SPS", i * step / (i * seconds_per_eval + 0.5 * i), i * step, walltime=wall)
     w.close()
     return path
 
@@ -29,11 +32,16 @@ def write_run(path, successes, step=10_000, t0=1_000_000.0, seconds_per_eval=100
 def test_read_run_and_first_reach(tmp_path):
     c = learning.read_run(write_run(tmp_path / "a", [0.0, 0.3, 0.6, 0.95, 0.88]))
     assert c["steps"].tolist() == [10_000, 20_000, 30_000, 40_000, 50_000]
-    np.testing.assert_allclose(c["wall_s"], [100, 200, 300, 400, 500], atol=1e-3)
-    assert c["sps"] == pytest.approx(65.0)
-    assert learning.first_reach(c["steps"], c["success"], c["wall_s"], 0.5) == (30_000, pytest.approx(300, abs=1e-3))
+    np.testing.assert_allclose(c["wall_s"], [100.5, 201, 301.5, 402, 502.5], atol=1e-3)  # the run's own clock
+    assert c["sps"] == pytest.approx(10_000 / 100.5)
+    assert learning.first_reach(c["steps"], c["success"], c["wall_s"], 0.5) == (30_000, pytest.approx(301.5, abs=1e-3))
     assert learning.first_reach(c["steps"], c["success"], c["wall_s"], 0.9)[0] == 40_000
     assert learning.first_reach(c["steps"], c["success"], c["wall_s"], 0.99) == (None, None)
+
+
+def test_the_time_a_run_was_stopped_is_not_training_time(tmp_path):
+    resumed = learning.read_run(write_run(tmp_path / "a", [0.1, 0.5, 0.9], stopped=(1, 86_400.0)))
+    np.testing.assert_allclose(resumed["wall_s"], [100.5, 201, 301.5], atol=1e-3)
 
 
 def test_summary_and_table_count_seeds_that_reach_the_target(tmp_path):
@@ -44,8 +52,8 @@ def test_summary_and_table_count_seeds_that_reach_the_target(tmp_path):
     assert s["mean_final_success"] == pytest.approx(0.8)
     assert s["runs"][1]["steps_to_0.5"] == 30_000 and s["runs"][1]["steps_to_0.9"] is None
     md = learning.markdown(s, "rfcl")
-    assert "| a | 20,000 | 20,000 | 200 s | 1.00 at 30,000 | 63 |" in md
-    assert "| b | 30,000 | not reached | not reached | 0.60 at 30,000 | 63 |" in md
+    assert "| a | 20,000 | 20,000 | 201 s | 1.00 at 30,000 | 100 |" in md
+    assert "| b | 30,000 | not reached | not reached | 0.60 at 30,000 | 100 |" in md
 
 
 def test_both_success_metrics_are_tabulated_where_the_runs_logged_both(tmp_path):
@@ -57,7 +65,7 @@ def test_both_success_metrics_are_tabulated_where_the_runs_logged_both(tmp_path)
     assert r["final_success_once"] == 1.0
     md = learning.markdown(s, "rfcl")
     assert "success_once: steps to 0.5 | to 0.9 | final |" in md
-    assert "| a | 20,000 | not reached | not reached | 0.80 at 30,000 | 10,000 | 20,000 | 1.00 | 63 |" in md
+    assert "| a | 20,000 | not reached | not reached | 0.80 at 30,000 | 10,000 | 20,000 | 1.00 | 100 |" in md
 
 
 def test_a_run_without_evals_is_a_clear_error(tmp_path):

@@ -15,6 +15,7 @@ import rlpd
 SHARED = {"exp_name": None, "seed": 1, "track": False, "env_id": "PickCube-v1", "obs_mode": "state",
           "control_mode": "pd_joint_delta_pos", "sim_backend": "cpu", "num_envs": 8, "num_eval_envs": 8,
           "max_episode_steps": 50, "render_size": 256, "dataset_path": None, "total_timesteps": 1_000_000,
+          "target_success": None, "target_evals": 3,
           "num_seed_steps": 5000, "steps_per_env": 4, "grad_updates_per_step": 16, "buffer_size": 1_000_000,
           "eval_freq": 10_000, "num_eval_episodes": 50, "save_freq": 100_000, "log_freq": 1000, "capture_video": True,
           "checkpoint": None, "resume": None, "evaluate": False, "gamma": 0.9, "tau": 0.005, "batch_size": 256,
