@@ -17,6 +17,7 @@ import atexit
 import contextlib
 import dataclasses
 import json
+import multiprocessing.util  # registers multiprocessing's exit handler, before _kill_env_workers
 import os
 import signal
 import subprocess
@@ -657,6 +658,17 @@ class CPUWorkerEnv(gym.Wrapper):
             self.recorder.stop(save_path) if not start else self.recorder.start()
 
 
+def _kill_env_workers() -> None:
+    """The env workers ignore SIGTERM (see CPUWorkerEnv), so multiprocessing's exit handler, which terminates and
+    joins them, would wait forever when the main process exits without closing its envs (an error, or a stop
+    signal while they are being built). This handler is registered after that one, so it runs first."""
+    for p in multiprocessing.active_children():
+        p.kill()
+
+
+atexit.register(_kill_env_workers)
+
+
 class CPUEnvs:
     """num_envs CPU simulators, each in its own process, stepped in parallel."""
 
@@ -669,9 +681,6 @@ class CPUEnvs:
         self.obs_dim = self.envs.single_observation_space.shape[0]
         self.act_dim = self.envs.single_action_space.shape[0]
         self.obs = np.zeros((num_envs, self.obs_dim), np.float32)
-        # the workers ignore SIGTERM (see CPUWorkerEnv), so multiprocessing's exit handler, which terminates and
-        # joins them, would wait forever after an error in the main process: this one, registered later, runs first
-        atexit.register(self._kill)
 
     def _kill(self):
         for p in self.envs.processes:
@@ -700,7 +709,6 @@ class CPUEnvs:
     def close(self, now: bool = False):
         """now: kill the workers instead of letting each simulator shut down (about 14 s for 16 workers on 2 cores),
         for a run that has saved everything and was told to stop."""
-        atexit.unregister(self._kill)
         if now:
             self._kill()
         self.envs.close(terminate=now)
