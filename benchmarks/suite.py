@@ -229,7 +229,12 @@ def report(a: Args, specs: list[RunSpec]) -> dict:
             algo, _, n = config.partition(":")
             runs = [run_dir(a, s) for s in specs
                     if (s.env_id, s.algo, s.num_demos) == (env, algo, int(n))]
-            curves = [learning.read_run(r) for r in runs if list(r.glob("events.out.tfevents.*"))]
+            curves = []
+            for r in (r for r in runs if list(r.glob("events.out.tfevents.*"))):
+                try:
+                    curves.append(learning.read_run(r))
+                except ValueError:  # not started, or no eval yet
+                    print(f"{r.name}: no eval yet, left out", flush=True)
             if not curves:
                 continue
             curves_out[f"{env} {config}"] = learning.curves_json(curves)
