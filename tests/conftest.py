@@ -1,6 +1,9 @@
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +11,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+# Most tests jit the same networks at the same shapes, in this process and in the scripts they start: one
+# compilation cache for the session (set before jax is imported; subprocesses inherit it) compiles each once.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="rfcl-tests-jax-cache-")
+    atexit.register(shutil.rmtree, _cache, True)
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
 
 ENV_ID, OBS_MODE, CONTROL_MODE = "PickCube-v1", "state", "pd_joint_delta_pos"
 PICKCUBE_OBS_DIM, PICKCUBE_ACT_DIM = 42, 8
