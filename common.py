@@ -49,11 +49,11 @@ KNOWN_ALGORITHMS = ("rfcl", "rlpd")
 
 
 def _use_legacy_xla_cpu_runtime():
-    """jaxlib 0.6's default XLA:CPU runtime (thunks) runs the jitted SAC updates, many small ops in a lax.scan,
-    about 1.4x slower than its legacy runtime (docs/results.md, Throughput), and updates bound CPU training: use the
-    legacy one, unless XLA_FLAGS already chooses. Later jaxlibs have no legacy runtime (the flag is fatal there),
-    so they keep their default. XLA reads the flags when the backend starts, at the first jax computation, which
-    importing this module does not do."""
+    """Where runs share the CPU cores (two runs on 2 cores), jaxlib 0.6's default XLA:CPU runtime (thunks) runs a
+    call of jitted SAC updates about 1.3x slower than its legacy runtime; alone on the machine both are as fast
+    (docs/results.md, Throughput). So use the legacy one, unless XLA_FLAGS already chooses. Later jaxlibs have no
+    legacy runtime (the flag is fatal there) and keep their default. XLA reads the flags when the backend starts,
+    at the first jax computation, which importing this module does not do."""
     flags = os.environ.get("XLA_FLAGS", "")
     if importlib.metadata.version("jaxlib").startswith("0.6.") and "xla_cpu_use_thunk_runtime" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_use_thunk_runtime=false".strip()
