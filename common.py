@@ -16,7 +16,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
-import importlib.metadata
 import json
 import multiprocessing.util  # registers multiprocessing's exit handler, before _kill_env_workers
 import os
@@ -46,20 +45,6 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 KNOWN_ALGORITHMS = ("rfcl", "rlpd")
-
-
-def _use_legacy_xla_cpu_runtime():
-    """Where runs share the CPU cores (two runs on 2 cores), jaxlib 0.6's default XLA:CPU runtime (thunks) runs a
-    call of jitted SAC updates about 1.3x slower than its legacy runtime; alone on the machine both are as fast
-    (docs/results.md, Throughput). So use the legacy one, unless XLA_FLAGS already chooses. Later jaxlibs have no
-    legacy runtime (the flag is fatal there) and keep their default. XLA reads the flags when the backend starts,
-    at the first jax computation, which importing this module does not do."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    if importlib.metadata.version("jaxlib").startswith("0.6.") and "xla_cpu_use_thunk_runtime" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_use_thunk_runtime=false".strip()
-
-
-_use_legacy_xla_cpu_runtime()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -236,23 +236,3 @@ def test_an_error_in_the_main_process_ends_it_and_its_env_workers():
     assert p.returncode == 1 and "RuntimeError: boom" in p.stderr
     time.sleep(1)
     assert gone(json.loads(p.stdout.strip().splitlines()[-1]))
-
-
-@pytest.mark.parametrize("jaxlib,flags,expected", [
-    ("0.6.2", None, "--xla_cpu_use_thunk_runtime=false"),
-    ("0.6.2", "--xla_force_host_platform_device_count=2",
-     "--xla_force_host_platform_device_count=2 --xla_cpu_use_thunk_runtime=false"),
-    ("0.6.2", "--xla_cpu_use_thunk_runtime=true", "--xla_cpu_use_thunk_runtime=true"),  # the user's choice stays
-    ("0.7.0", None, None),  # no legacy runtime there: an unknown XLA flag would kill the process
-    ("0.11.2", "--xla_force_host_platform_device_count=2", "--xla_force_host_platform_device_count=2"),
-])
-def test_legacy_xla_cpu_runtime_only_where_jaxlib_has_it_and_the_user_did_not_choose(jaxlib, flags, expected,
-                                                                                      monkeypatch):
-    monkeypatch.setattr(common.importlib.metadata, "version", lambda name: jaxlib)
-    if flags is None:
-        monkeypatch.delenv("XLA_FLAGS", raising=False)
-    else:
-        monkeypatch.setenv("XLA_FLAGS", flags)
-    common._use_legacy_xla_cpu_runtime()
-    assert os.environ.get("XLA_FLAGS") == expected
-
