@@ -11,6 +11,10 @@ since CPU simulation repeats exactly; with --stochastic N also N sampled-action 
 On PickCube a start that fails with is_grasped never true failed to grasp; with is_grasped but not is_obj_placed it
 dropped or never carried the cube; with is_obj_placed it never held still. Prints a markdown table; --out also
 writes it with a json.
+
+An rlpd.py checkpoint is probed the same way, with the run's episode horizon (--max-episode-steps) as the time limit
+of every start: it shows how far from the goal along the demos an RLPD policy that fails from the env's own initial
+states can still solve the task.
 """
 
 from __future__ import annotations
@@ -32,9 +36,9 @@ NOT_FLAGS = ("success", "fail", "success_once", "success_at_end")  # success is 
 @dataclass
 class Args:
     checkpoint: tyro.conf.Positional[str]
-    """an rfcl.py checkpoint"""
+    """an rfcl.py or rlpd.py checkpoint"""
     dataset_path: Optional[str] = None
-    """demos to probe (default: the ones rfcl.py finds for the checkpoint's env, as in training)"""
+    """demos to probe (default: the ones the script finds for the checkpoint's env, as in training)"""
     num_demos: Optional[int] = None
     """first N demos of the file (default: the checkpoint's --num-demos)"""
     every: int = 4
@@ -56,28 +60,34 @@ def probe(a: Args) -> dict:
 
     import common
     import rfcl
+    import rlpd
 
-    ckpt = common.load_checkpoint(a.checkpoint, "rfcl")
-    args_dict = json.loads(ckpt["args"])
-    targs = rfcl.Args(**args_dict)
+    ckpt = common.load_checkpoint(a.checkpoint)
+    script = {"rfcl": rfcl, "rlpd": rlpd}[ckpt["algorithm"]]
+    targs = script.Args(**json.loads(ckpt["args"]))  # args.json's final values: the horizon is resolved
     num_demos = a.num_demos or targs.num_demos
     targs.num_demos, targs.dataset_path = num_demos, a.dataset_path or targs.dataset_path
     demos, path = common.get_and_load_demos(targs, env_states=True)
     # the env and the time limit of rfcl.py's stage 1 itself, so the probe resets and times out exactly as training
     env = common.CPUWorkerEnv(targs.env_id, common.env_kwargs(targs, 1, "physx_cpu", render=False), 0, demos)
-    reverse = rfcl.ReverseCurriculum(demos.lengths, targs.reverse_step_size, targs.per_demo_buffer_size,
-                                     targs.demo_horizon_to_max_steps_ratio, targs.reverse_solved_frac,
-                                     np.random.default_rng(0))
-    actor = rfcl.Actor(int(ckpt["act_dim"]), tuple(ckpt["hidden_dims"]))
+    if script is rfcl:
+        reverse = rfcl.ReverseCurriculum(demos.lengths, targs.reverse_step_size, targs.per_demo_buffer_size,
+                                         targs.demo_horizon_to_max_steps_ratio, targs.reverse_solved_frac,
+                                         np.random.default_rng(0))
+        time_limit = reverse.horizon
+    else:  # every RLPD episode has the task's horizon (a checkpoint's args.json holds it resolved)
+        limit = targs.max_episode_steps or common.gym.spec(targs.env_id).max_episode_steps
+        time_limit = lambda i, t: limit  # noqa: E731
+    actor = script.Actor(int(ckpt["act_dim"]), tuple(ckpt["hidden_dims"]))
     params = ckpt["actor_params"]
-    det = jax.jit(lambda o: rfcl.deterministic_action(actor, params, o))
-    sample = jax.jit(lambda o, k: rfcl.sample_action(actor, params, o, k)[0])
+    det = jax.jit(lambda o: script.deterministic_action(actor, params, o))
+    sample = jax.jit(lambda o, k: script.sample_action(actor, params, o, k)[0])
     key = jax.random.PRNGKey(a.seed)
     first_row = np.concatenate([[0], np.cumsum(demos.lengths)[:-1]])  # of each demo in the flat arrays
 
     def episode(i: int, t: int, key=None) -> dict:
         obs, _ = env.reset(options={"demo_starts": [(i, t)]})
-        horizon = reverse.horizon(i, t)
+        horizon = int(time_limit(i, t))
         r = dict(once=False, first=None)
         flags = {}  # the task's boolean evaluate() flags: ever true in this episode
         steps = min(horizon, int(demos.lengths[i]) - t) if a.demo_actions else horizon
@@ -111,7 +121,8 @@ def probe(a: Args) -> dict:
             rows.append(row)
             print(f"demo {i} start {t}: success_once {int(row['once'])}", file=sys.stderr, flush=True)
     env.close()
-    return {"checkpoint": a.checkpoint, "global_step": int(ckpt["global_step"]), "dataset": str(path),
+    return {"checkpoint": a.checkpoint, "algorithm": ckpt["algorithm"], "global_step": int(ckpt["global_step"]),
+            "dataset": str(path),
             "demo_actions": a.demo_actions, "rows": rows}
 
 

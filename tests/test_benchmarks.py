@@ -153,3 +153,26 @@ def test_frontier_probe_replaying_a_demo_succeeds_exactly_where_the_demo_does(de
         assert r["first"] == (need if r["once"] else None), r
     assert any(r["once"] for r in rows) and not all(r["once"] for r in rows), "both cases are exercised"
     assert (tmp_path / "probe.md").read_text().count("\n| 0 |") == len(rows)
+
+
+def test_frontier_probe_gives_an_rlpd_checkpoint_the_runs_episode_horizon(demo_path, tmp_path):
+    """An rlpd.py checkpoint is probed from the same demo states with its run's horizon as every start's time limit:
+    the demo's own actions from t succeed exactly when the s* - t + 1 steps they need fit in it."""
+    import jax
+
+    import common
+    import frontier
+    import rlpd
+
+    args = rlpd.Args(num_demos=1, max_episode_steps=7)
+    _, _, state = rlpd.init_sac(args, 42, 8, jax.random.PRNGKey(0))
+    ckpt = tmp_path / "fresh.ckpt"
+    common.save_checkpoint(ckpt, "rlpd", args, 42, 8, rlpd.networks(state), 0)
+    out = frontier.main(frontier.Args(str(ckpt), dataset_path=str(demo_path), every=2, demo_actions=True))
+    demos = common.load_demos(demo_path, 1)
+    s_star = int(np.flatnonzero(demos.rewards[: demos.lengths[0]])[0])
+    assert out["algorithm"] == "rlpd"
+    for r in out["rows"]:
+        assert r["horizon"] == 7
+        assert r["once"] == (max(s_star - r["start"], 0) + 1 <= 7), r
+    assert any(r["once"] for r in out["rows"]) and not all(r["once"] for r in out["rows"]), "both cases are exercised"
