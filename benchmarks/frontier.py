@@ -4,13 +4,13 @@
 
 For each demo and each start step t = 0, every, 2*every, ... it resets the env to the demo's state t (as stage 1
 does), then runs the policy for the stage-1 time limit 16 + (T - t) // ratio, and records whether the episode
-succeeded at some step, the step of the first success, and which of the task's own flags (the booleans its
-evaluate() reports besides success, e.g. PickCube's is_grasped, is_obj_placed, is_robot_static; StackCube's
-is_cubeA_grasped, is_cubeA_on_cubeB, is_cubeA_static) were ever true. Deterministic (policy mean) once per start,
-since CPU simulation repeats exactly; with --stochastic N also N sampled-action episodes, as training episodes act.
-On PickCube a start that fails with is_grasped never true failed to grasp; with is_grasped but not is_obj_placed it
-dropped or never carried the cube; with is_obj_placed it never held still. Prints a markdown table; --out also
-writes it with a json.
+succeeded at some step and at its last step, the step of the first success, and which of the task's own flags (the
+booleans its evaluate() reports besides success, e.g. PickCube's is_grasped, is_obj_placed, is_robot_static;
+StackCube's is_cubeA_grasped, is_cubeA_on_cubeB, is_cubeA_static) were ever true. Deterministic (policy mean) once
+per start, since CPU simulation repeats exactly; with --stochastic N also N sampled-action episodes, as training
+episodes act. On PickCube a start that fails with is_grasped never true failed to grasp; with is_grasped but not
+is_obj_placed it dropped or never carried the cube; with is_obj_placed it never held still. Prints a markdown table;
+--out also writes it with a json.
 
 An rlpd.py checkpoint is probed the same way, with the run's episode horizon (--max-episode-steps) as the time limit
 of every start: it shows how far from the goal along the demos an RLPD policy that fails from the env's own initial
@@ -88,7 +88,7 @@ def probe(a: Args) -> dict:
     def episode(i: int, t: int, key=None) -> dict:
         obs, _ = env.reset(options={"demo_starts": [(i, t)]})
         horizon = int(time_limit(i, t))
-        r = dict(once=False, first=None)
+        r = dict(once=False, at_end=False, first=None)
         flags = {}  # the task's boolean evaluate() flags: ever true in this episode
         steps = min(horizon, int(demos.lengths[i]) - t) if a.demo_actions else horizon
         for step in range(steps):
@@ -107,6 +107,7 @@ def probe(a: Args) -> dict:
             if info["success"] and r["first"] is None:
                 r["first"] = step + 1
             r["once"] |= bool(info["success"])
+            r["at_end"] = bool(info["success"])  # of the last step: eval's success_at_end
         return {**r, "horizon": horizon, "flags": flags}
 
     rows = []
@@ -117,6 +118,7 @@ def probe(a: Args) -> dict:
                 key, *ks = jax.random.split(key, a.stochastic + 1)
                 eps = [episode(i, t, k) for k in ks]
                 row["sto_once"] = float(np.mean([e["once"] for e in eps]))
+                row["sto_at_end"] = float(np.mean([e["at_end"] for e in eps]))
                 row["sto_flags"] = {k: float(np.mean([e["flags"].get(k, False) for e in eps])) for k in row["flags"]}
             rows.append(row)
             print(f"demo {i} start {t}: success_once {int(row['once'])}", file=sys.stderr, flush=True)
@@ -128,19 +130,20 @@ def probe(a: Args) -> dict:
 
 def table(result: dict, stochastic: bool) -> str:
     flags = list(dict.fromkeys(k for r in result["rows"] for k in r["flags"]))
-    cols = ["demo", "T", "start", "time limit", "success_once", *flags, "first success at"]
+    cols = ["demo", "T", "start", "time limit", "success_once", "success_at_end", *flags, "first success at"]
     if stochastic:
-        cols += ["sampled: success_once", *flags]
+        cols += ["sampled: success_once", "success_at_end", *flags]
     who = ("the demos' own actions" if result["demo_actions"] else
            "deterministic policy" + (" and sampled actions" if stochastic else ""))
     lines = [f"Checkpoint `{result['checkpoint']}` ({result['global_step']} env steps), {who}. A flag column says "
              "whether the task's evaluate() flag was ever true in the episode (sampled: in which fraction).", "",
              "| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     for r in result["rows"]:
-        cells = [r["demo"], r["T"], r["start"], r["horizon"], int(r["once"]),
+        cells = [r["demo"], r["T"], r["start"], r["horizon"], int(r["once"]), int(r["at_end"]),
                  *(int(r["flags"].get(k, False)) for k in flags), r["first"] if r["first"] is not None else "-"]
         if stochastic:
-            cells += [f"{r['sto_once']:.2f}", *(f"{r['sto_flags'].get(k, 0):.2f}" for k in flags)]
+            cells += [f"{r['sto_once']:.2f}", f"{r['sto_at_end']:.2f}",
+                      *(f"{r['sto_flags'].get(k, 0):.2f}" for k in flags)]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines) + "\n"
 

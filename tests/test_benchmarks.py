@@ -175,4 +175,5 @@ def test_frontier_probe_gives_an_rlpd_checkpoint_the_runs_episode_horizon(demo_p
     for r in out["rows"]:
         assert r["horizon"] == 7
         assert r["once"] == (max(s_star - r["start"], 0) + 1 <= 7), r
+        assert r["once"] or not r["at_end"], "success at the last step is a success"
     assert any(r["once"] for r in out["rows"]) and not all(r["once"] for r in out["rows"]), "both cases are exercised"
