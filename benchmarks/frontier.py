@@ -68,16 +68,13 @@ def probe(a: Args) -> dict:
     num_demos = a.num_demos or targs.num_demos
     targs.num_demos, targs.dataset_path = num_demos, a.dataset_path or targs.dataset_path
     demos, path = common.get_and_load_demos(targs, env_states=True)
-    # the env and the time limit of rfcl.py's stage 1 itself, so the probe resets and times out exactly as training
+    # the env and the time limit of training itself (rfcl.py: stage 1's; rlpd.py: every episode has the task's
+    # horizon, resolved in a checkpoint's args.json), so the probe resets and times out exactly as training
     env = common.CPUWorkerEnv(targs.env_id, common.env_kwargs(targs, 1, "physx_cpu", render=False), 0, demos)
-    if script is rfcl:
-        reverse = rfcl.ReverseCurriculum(demos.lengths, targs.reverse_step_size, targs.per_demo_buffer_size,
-                                         targs.demo_horizon_to_max_steps_ratio, targs.reverse_solved_frac,
-                                         np.random.default_rng(0))
-        time_limit = reverse.horizon
-    else:  # every RLPD episode has the task's horizon (a checkpoint's args.json holds it resolved)
-        limit = targs.max_episode_steps or common.gym.spec(targs.env_id).max_episode_steps
-        time_limit = lambda i, t: limit  # noqa: E731
+    reverse = rfcl.ReverseCurriculum(demos.lengths, targs.reverse_step_size, targs.per_demo_buffer_size,
+                                     targs.demo_horizon_to_max_steps_ratio, targs.reverse_solved_frac,
+                                     np.random.default_rng(0)) if script is rfcl else None
+    limit = targs.max_episode_steps or common.gym.spec(targs.env_id).max_episode_steps
     actor = script.Actor(int(ckpt["act_dim"]), tuple(ckpt["hidden_dims"]))
     params = ckpt["actor_params"]
     det = jax.jit(lambda o: script.deterministic_action(actor, params, o))
@@ -87,7 +84,7 @@ def probe(a: Args) -> dict:
 
     def episode(i: int, t: int, key=None) -> dict:
         obs, _ = env.reset(options={"demo_starts": [(i, t)]})
-        horizon = int(time_limit(i, t))
+        horizon = int(reverse.horizon(i, t)) if reverse else limit
         r = dict(once=False, at_end=False, first=None)
         flags = {}  # the task's boolean evaluate() flags: ever true in this episode
         steps = min(horizon, int(demos.lengths[i]) - t) if a.demo_actions else horizon
@@ -124,8 +121,7 @@ def probe(a: Args) -> dict:
             print(f"demo {i} start {t}: success_once {int(row['once'])}", file=sys.stderr, flush=True)
     env.close()
     return {"checkpoint": a.checkpoint, "algorithm": ckpt["algorithm"], "global_step": int(ckpt["global_step"]),
-            "dataset": str(path),
-            "demo_actions": a.demo_actions, "rows": rows}
+            "dataset": str(path), "demo_actions": a.demo_actions, "rows": rows}
 
 
 def table(result: dict, stochastic: bool) -> str:
