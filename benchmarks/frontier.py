@@ -64,7 +64,7 @@ def probe(a: Args) -> dict:
 
     ckpt = common.load_checkpoint(a.checkpoint)
     script = {"rfcl": rfcl, "rlpd": rlpd}[ckpt["algorithm"]]
-    targs = script.Args(**json.loads(ckpt["args"]))  # args.json's final values: the horizon is resolved
+    targs = script.Args(**json.loads(ckpt["args"]))
     num_demos = a.num_demos or targs.num_demos
     targs.num_demos, targs.dataset_path = num_demos, a.dataset_path or targs.dataset_path
     demos, path = common.get_and_load_demos(targs, env_states=True)
