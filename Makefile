@@ -1,6 +1,7 @@
 # `make train` and `make test` set everything up first (idempotent: seconds when already done).
 PY := .venv/bin/python
 TRAIN_ARGS ?= --env-id PickCube-v1 --num-demos 5
+TEST_WORKERS ?= 2
 
 .PHONY: setup train test
 setup:
@@ -10,4 +11,4 @@ train: setup
 	$(PY) rfcl.py $(TRAIN_ARGS)
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope tests

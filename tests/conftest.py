@@ -14,7 +14,8 @@ sys.path.insert(0, str(ROOT))
 
 # Most tests jit the same networks at the same shapes, in this process and in the scripts they start: one
 # compilation cache for the session (set before jax is imported; subprocesses inherit it) compiles each once.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+# Under pytest -n each worker gets its own: JAX writes cache files in place, so one could read another's half-written.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ or os.environ.get("PYTEST_XDIST_WORKER"):
     _cache = tempfile.mkdtemp(prefix="rfcl-tests-jax-cache-")
     atexit.register(shutil.rmtree, _cache, True)
     os.environ.update(JAX_COMPILATION_CACHE_DIR=_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
