@@ -15,6 +15,11 @@ is_obj_placed it dropped or never carried the cube; with is_obj_placed it never 
 An rlpd.py checkpoint is probed the same way, with the run's episode horizon (--max-episode-steps) as the time limit
 of every start: it shows how far from the goal along the demos an RLPD policy that fails from the env's own initial
 states can still solve the task.
+
+With --initial-states N it probes the env's own initial states instead, those eval starts from (seeds 10**6 + k,
+k < N), each for the run's eval horizon: where a policy that has left the demos behind (RFCL's stage 2, RLPD) fails.
+
+    python benchmarks/frontier.py runs/<run>/checkpoints/final.ckpt --initial-states 50 --stochastic 3
 """
 
 from __future__ import annotations
@@ -50,6 +55,9 @@ class Args:
     demo_actions: bool = False
     """replay the demo's own actions from t instead of the policy, until the demo ends: checks the resets, and
     shows which starts the time limit leaves the demo's own pace (it needs T - t steps)"""
+    initial_states: int = 0
+    """probe the env's own initial states of the first N eval seeds (10**6 + k), with the eval horizon, instead of
+    demo states"""
     out: Optional[str] = None
     """write <out>.md and <out>.json too"""
 
@@ -65,26 +73,32 @@ def probe(a: Args) -> dict:
     ckpt = common.load_checkpoint(a.checkpoint)
     script = {"rfcl": rfcl, "rlpd": rlpd}[ckpt["algorithm"]]
     targs = script.Args(**json.loads(ckpt["args"]))
-    num_demos = a.num_demos or targs.num_demos
-    targs.num_demos, targs.dataset_path = num_demos, a.dataset_path or targs.dataset_path
-    demos, path = common.get_and_load_demos(targs, env_states=True)
-    # the env and the time limit of training itself (rfcl.py: stage 1's; rlpd.py: every episode has the task's
-    # horizon, resolved in a checkpoint's args.json), so the probe resets and times out exactly as training
-    env = common.CPUWorkerEnv(targs.env_id, common.env_kwargs(targs, 1, "physx_cpu", render=False), 0, demos)
-    reverse = rfcl.ReverseCurriculum(demos.lengths, targs.reverse_step_size, targs.per_demo_buffer_size,
-                                     targs.demo_horizon_to_max_steps_ratio, targs.reverse_solved_frac,
-                                     np.random.default_rng(0)) if script is rfcl else None
     limit = targs.max_episode_steps or common.gym.spec(targs.env_id).max_episode_steps
+    demos = path = reverse = None
+    if not a.initial_states:
+        targs.num_demos, targs.dataset_path = a.num_demos or targs.num_demos, a.dataset_path or targs.dataset_path
+        demos, path = common.get_and_load_demos(targs, env_states=True)
+        # the time limit of training itself (rfcl.py: stage 1's; rlpd.py: every episode has the task's horizon,
+        # resolved in a checkpoint's args.json), so the probe resets and times out exactly as training
+        reverse = rfcl.ReverseCurriculum(demos.lengths, targs.reverse_step_size, targs.per_demo_buffer_size,
+                                         targs.demo_horizon_to_max_steps_ratio, targs.reverse_solved_frac,
+                                         np.random.default_rng(0)) if script is rfcl else None
+    env = common.CPUWorkerEnv(targs.env_id, common.env_kwargs(targs, 1, "physx_cpu", render=False), 0, demos)
     actor = script.Actor(int(ckpt["act_dim"]), tuple(ckpt["hidden_dims"]))
     params = ckpt["actor_params"]
     det = jax.jit(lambda o: script.deterministic_action(actor, params, o))
     sample = jax.jit(lambda o, k: script.sample_action(actor, params, o, k)[0])
     key = jax.random.PRNGKey(a.seed)
-    first_row = np.concatenate([[0], np.cumsum(demos.lengths)[:-1]])  # of each demo in the flat arrays
+    first_row = np.concatenate([[0], np.cumsum(demos.lengths)[:-1]]) if demos else None  # of each demo's rows
 
-    def episode(i: int, t: int, key=None) -> dict:
-        obs, _ = env.reset(options={"demo_starts": [(i, t)]})
-        horizon = int(reverse.horizon(i, t)) if reverse else limit
+    def episode(i: Optional[int], t: int, key=None) -> dict:
+        """Demo i from its step t, or (i None) the env's initial state of seed t."""
+        if i is None:
+            obs, _ = env.reset(seed=t)
+            horizon = limit
+        else:
+            obs, _ = env.reset(options={"demo_starts": [(i, t)]})
+            horizon = int(reverse.horizon(i, t)) if reverse else limit
         r = dict(once=False, at_end=False, first=None)
         flags = {}  # the task's boolean evaluate() flags: ever true in this episode
         steps = min(horizon, int(demos.lengths[i]) - t) if a.demo_actions else horizon
@@ -107,46 +121,73 @@ def probe(a: Args) -> dict:
             r["at_end"] = bool(info["success"])  # of the last step: eval's success_at_end
         return {**r, "horizon": horizon, "flags": flags}
 
+    if a.initial_states:  # eval's seeds (common.evaluate)
+        starts = [(None, 10**6 + k, {"seed": 10**6 + k}) for k in range(a.initial_states)]
+    else:
+        starts = [(i, t, {"demo": i, "T": int(demos.lengths[i]), "start": t})
+                  for i in range(demos.num_trajectories) for t in range(0, int(demos.lengths[i]), a.every)]
     rows = []
-    for i in range(demos.num_trajectories):
-        for t in range(0, int(demos.lengths[i]), a.every):
-            row = {"demo": i, "T": int(demos.lengths[i]), "start": t, **episode(i, t)}
-            if a.stochastic and not a.demo_actions:
-                key, *ks = jax.random.split(key, a.stochastic + 1)
-                eps = [episode(i, t, k) for k in ks]
-                row["sto_once"] = float(np.mean([e["once"] for e in eps]))
-                row["sto_at_end"] = float(np.mean([e["at_end"] for e in eps]))
-                row["sto_flags"] = {k: float(np.mean([e["flags"].get(k, False) for e in eps])) for k in row["flags"]}
-            rows.append(row)
-            print(f"demo {i} start {t}: success_once {int(row['once'])}", file=sys.stderr, flush=True)
+    for i, t, where in starts:
+        row = {**where, **episode(i, t)}
+        if a.stochastic and not a.demo_actions:
+            key, *ks = jax.random.split(key, a.stochastic + 1)
+            eps = [episode(i, t, k) for k in ks]
+            row["sto_once"] = float(np.mean([e["once"] for e in eps]))
+            row["sto_at_end"] = float(np.mean([e["at_end"] for e in eps]))
+            row["sto_flags"] = {k: float(np.mean([e["flags"].get(k, False) for e in eps]))
+                                for k in set(row["flags"]).union(*(e["flags"] for e in eps))}
+        rows.append(row)
+        print(f"{where}: success_once {int(row['once'])}", file=sys.stderr, flush=True)
     env.close()
     return {"checkpoint": a.checkpoint, "algorithm": ckpt["algorithm"], "global_step": int(ckpt["global_step"]),
-            "dataset": str(path), "demo_actions": a.demo_actions, "rows": rows}
+            "dataset": str(path) if path else None, "demo_actions": a.demo_actions,
+            "initial_states": a.initial_states, "rows": rows}
 
 
 def table(result: dict, stochastic: bool) -> str:
-    flags = list(dict.fromkeys(k for r in result["rows"] for k in r["flags"]))
-    cols = ["demo", "T", "start", "time limit", "success_once", "success_at_end", *flags, "first success at"]
+    rows, initial = result["rows"], bool(result.get("initial_states"))
+    flags = sorted({k for r in rows for k in (*r["flags"], *r.get("sto_flags", {}))})
+    cols = [*(["seed"] if initial else ["demo", "T", "start"]), "time limit", "success_once", "success_at_end",
+            *flags, "first success at"]
     if stochastic:
         cols += ["sampled: success_once", "success_at_end", *flags]
     who = ("the demos' own actions" if result["demo_actions"] else
            "deterministic policy" + (" and sampled actions" if stochastic else ""))
-    lines = [f"Checkpoint `{result['checkpoint']}` ({result['global_step']} env steps), {who}. A flag column says "
-             "whether the task's evaluate() flag was ever true in the episode (sampled: in which fraction).", "",
-             "| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
-    for r in result["rows"]:
-        cells = [r["demo"], r["T"], r["start"], r["horizon"], int(r["once"]), int(r["at_end"]),
-                 *(int(r["flags"].get(k, False)) for k in flags), r["first"] if r["first"] is not None else "-"]
+    where = (f"from the env's own initial states of eval seeds 10**6 + 0..{len(rows) - 1}" if initial else
+             "from demo states")
+    lines = [f"Checkpoint `{result['checkpoint']}` ({result['global_step']} env steps), {who}, {where}. A flag "
+             "column says whether the task's evaluate() flag was ever true in the episode (sampled: in which "
+             "fraction).", "", "| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+
+    def cells(r: dict, fmt) -> list:
+        c = [fmt(r["once"]), fmt(r["at_end"]), *(fmt(r["flags"].get(k, False)) for k in flags), r["first"]]
         if stochastic:
-            cells += [f"{r['sto_once']:.2f}", f"{r['sto_at_end']:.2f}",
-                      *(f"{r['sto_flags'].get(k, 0):.2f}" for k in flags)]
-        lines.append("| " + " | ".join(map(str, cells)) + " |")
+            c += [f"{r['sto_once']:.2f}", f"{r['sto_at_end']:.2f}", *(f"{r['sto_flags'].get(k, 0):.2f}" for k in flags)]
+        return c
+
+    for r in rows:
+        c = cells(r, int)
+        c[len(flags) + 2] = c[len(flags) + 2] if c[len(flags) + 2] is not None else "-"
+        head = [r["seed"]] if initial else [r["demo"], r["T"], r["start"]]
+        lines.append("| " + " | ".join(map(str, [*head, r["horizon"], *c])) + " |")
+    if initial and rows:  # the fractions over all seeds, the figure to read first
+        mean = {k: float(np.mean([r[k] for r in rows])) for k in ("once", "at_end")}
+        mean["flags"] = {k: float(np.mean([r["flags"].get(k, False) for r in rows])) for k in flags}
+        firsts = [r["first"] for r in rows if r["first"] is not None]
+        mean["first"] = f"median {int(np.median(firsts))}" if firsts else "-"
+        if stochastic:
+            mean.update({k: float(np.mean([r[k] for r in rows])) for k in ("sto_once", "sto_at_end")})
+            mean["sto_flags"] = {k: float(np.mean([r["sto_flags"].get(k, 0) for r in rows])) for k in flags}
+        lines.append("| " + " | ".join(map(str, ["**all**", rows[0]["horizon"], *cells(mean, "{:.2f}".format)]))
+                     + " |")
     return "\n".join(lines) + "\n"
 
 
 def main(a: Args) -> dict:
-    if a.every < 1 or a.stochastic < 0:
-        sys.exit("error: --every must be >= 1 and --stochastic >= 0")
+    if a.every < 1 or a.stochastic < 0 or a.initial_states < 0:
+        sys.exit("error: --every must be >= 1, --stochastic and --initial-states >= 0")
+    if a.initial_states and a.demo_actions:
+        sys.exit("error: --demo-actions replays demos from their own states; leave out --initial-states")
     result = probe(a)
     md = table(result, a.stochastic > 0 and not a.demo_actions)
     print(md)

@@ -177,3 +177,31 @@ def test_frontier_probe_gives_an_rlpd_checkpoint_the_runs_episode_horizon(demo_p
         assert r["once"] == (max(s_star - r["start"], 0) + 1 <= 7), r
         assert r["once"] or not r["at_end"], "success at the last step is a success"
     assert any(r["once"] for r in out["rows"]) and not all(r["once"] for r in out["rows"]), "both cases are exercised"
+
+
+def test_frontier_probe_of_initial_states_uses_eval_seeds_and_horizon_without_demos(tmp_path):
+    """--initial-states N probes the env's own initial states of eval's seeds 10**6 + k for the run's horizon, needs
+    no demos (the checkpoint's dataset path may be gone), and sums the seeds up in an `all` row; --demo-actions, which
+    needs demo states, is refused with one line."""
+    import jax
+
+    import common
+    import frontier
+    import rlpd
+
+    args = rlpd.Args(num_demos=1, max_episode_steps=4, dataset_path=str(tmp_path / "gone.h5"))
+    _, _, state = rlpd.init_sac(args, 42, 8, jax.random.PRNGKey(0))
+    ckpt = tmp_path / "fresh.ckpt"
+    common.save_checkpoint(ckpt, "rlpd", args, 42, 8, rlpd.networks(state), 0)
+    out = frontier.main(frontier.Args(str(ckpt), initial_states=3, stochastic=1, out=str(tmp_path / "init")))
+    assert [r["seed"] for r in out["rows"]] == [10**6, 10**6 + 1, 10**6 + 2]
+    assert all(r["horizon"] == 4 for r in out["rows"]) and out["dataset"] is None
+    assert {"is_grasped", "is_obj_placed", "is_robot_static"} <= set(out["rows"][0]["flags"])
+    md = (tmp_path / "init.md").read_text()
+    assert md.count("\n| 100000") == 3 and "initial states of eval seeds" in md
+    placed = np.mean([r["flags"]["is_obj_placed"] for r in out["rows"]])
+    all_row = next(line for line in md.splitlines() if line.startswith("| **all** | 4 |")).split(" | ")
+    assert float(all_row[2]) == np.mean([r["once"] for r in out["rows"]])
+    assert float(all_row[2 + 2 + sorted(out["rows"][0]["flags"]).index("is_obj_placed")]) == pytest.approx(placed)
+    with pytest.raises(SystemExit, match="leave out --initial-states"):
+        frontier.main(frontier.Args(str(ckpt), initial_states=3, demo_actions=True))
