@@ -16,7 +16,7 @@ An rlpd.py checkpoint is probed the same way, with the run's episode horizon (--
 of every start: it shows how far from the goal along the demos an RLPD policy that fails from the env's own initial
 states can still solve the task.
 
-With --initial-states N it probes the env's own initial states instead, those eval starts from (seeds 10**6 + k,
+With --initial-states N it probes the env's own initial states instead, the ones eval starts from (seeds 10**6 + k,
 k < N), each for the run's eval horizon: where a policy that has left the demos behind (RFCL's stage 2, RLPD) fails.
 
     python benchmarks/frontier.py runs/<run>/checkpoints/final.ckpt --initial-states 50 --stochastic 3
@@ -160,16 +160,15 @@ def table(result: dict, stochastic: bool) -> str:
              "fraction).", "", "| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
 
     def cells(r: dict, fmt) -> list:
-        c = [fmt(r["once"]), fmt(r["at_end"]), *(fmt(r["flags"].get(k, False)) for k in flags), r["first"]]
+        c = [fmt(r["once"]), fmt(r["at_end"]), *(fmt(r["flags"].get(k, False)) for k in flags),
+             r["first"] if r["first"] is not None else "-"]
         if stochastic:
             c += [f"{r['sto_once']:.2f}", f"{r['sto_at_end']:.2f}", *(f"{r['sto_flags'].get(k, 0):.2f}" for k in flags)]
         return c
 
     for r in rows:
-        c = cells(r, int)
-        c[len(flags) + 2] = c[len(flags) + 2] if c[len(flags) + 2] is not None else "-"
         head = [r["seed"]] if initial else [r["demo"], r["T"], r["start"]]
-        lines.append("| " + " | ".join(map(str, [*head, r["horizon"], *c])) + " |")
+        lines.append("| " + " | ".join(map(str, [*head, r["horizon"], *cells(r, int)])) + " |")
     if initial and rows:  # the fractions over all seeds, the figure to read first
         mean = {k: float(np.mean([r[k] for r in rows])) for k in ("once", "at_end")}
         mean["flags"] = {k: float(np.mean([r["flags"].get(k, False) for r in rows])) for k in flags}
