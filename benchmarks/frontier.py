@@ -6,7 +6,8 @@ For each demo and each start step t = 0, every, 2*every, ... it resets the env t
 does), then runs the policy for the stage-1 time limit 16 + (T - t) // ratio, and records whether the episode
 succeeded at some step and at its last step, the step of the first success, and which of the task's own flags (the
 booleans its evaluate() reports besides success, e.g. PickCube's is_grasped, is_obj_placed, is_robot_static;
-StackCube's is_cubeA_grasped, is_cubeA_on_cubeB, is_cubeA_static) were ever true. Deterministic (policy mean) once
+StackCube's is_cubeA_grasped, is_cubeA_on_cubeB, is_cubeA_static; for a task whose evaluate() reports only success,
+the stages of its own dense reward, see TASK_FLAGS) were ever true. Deterministic (policy mean) once
 per start, since CPU simulation repeats exactly; with --stochastic N also N sampled-action episodes, as training
 episodes act. On PickCube a start that fails with is_grasped never true failed to grasp; with is_grasped but not
 is_obj_placed it dropped or never carried the cube; with is_obj_placed it never held still. Prints a markdown table;
@@ -36,6 +37,19 @@ import tyro
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 NOT_FLAGS = ("success", "fail", "success_once", "success_at_end")  # success is its own column; fail is the env's
+
+
+def _pull_cube_tool_flags(u) -> dict:
+    """PullCubeTool's dense reward stages: the tool grasped, then its hook within 5 cm of its place behind the cube
+    (the planner's demos get there 100-130 steps after the grasp, and succeed 35-50 steps later)."""
+    cube, tool = u.cube.pose.p, u.l_shape_tool.pose.p
+    hook = cube + cube.new_tensor([-(u.hook_length + u.cube_half_size), -0.067, 0])
+    return {"is_tool_grasped": u.agent.is_grasping(u.l_shape_tool, max_angle=20),
+            "is_tool_behind_cube": (tool - hook).norm(dim=1) < 0.05}
+
+
+# Stage flags for tasks whose evaluate() reports only success, computed from the env after every step
+TASK_FLAGS = {"PullCubeTool-v1": _pull_cube_tool_flags}
 
 
 @dataclass
@@ -100,7 +114,7 @@ def probe(a: Args) -> dict:
             obs, _ = env.reset(options={"demo_starts": [(i, t)]})
             horizon = int(reverse.horizon(i, t)) if reverse else limit
         r = dict(once=False, at_end=False, first=None)
-        flags = {}  # the task's boolean evaluate() flags: ever true in this episode
+        flags = {}  # the task's boolean evaluate() (or TASK_FLAGS) flags: ever true in this episode
         steps = min(horizon, int(demos.lengths[i]) - t) if a.demo_actions else horizon
         for step in range(steps):
             o = jnp.asarray(obs[None], jnp.float32)
@@ -112,6 +126,8 @@ def probe(a: Args) -> dict:
                 key, k = jax.random.split(key)
                 act = sample(o, k)
             obs, _, _, _, info = env.step(np.asarray(act)[0])
+            stages = TASK_FLAGS[targs.env_id](env.unwrapped) if targs.env_id in TASK_FLAGS else {}
+            info = {**info, **{k: v.cpu().numpy()[0] for k, v in stages.items()}}
             for name, v in info.items():
                 if name not in NOT_FLAGS and np.asarray(v).dtype == bool:
                     flags[name] = flags.get(name, False) or bool(v)
@@ -156,7 +172,7 @@ def table(result: dict, stochastic: bool) -> str:
     where = (f"from the env's own initial states of eval seeds 10**6 + 0..{len(rows) - 1}" if initial else
              "from demo states")
     lines = [f"Checkpoint `{result['checkpoint']}` ({result['global_step']} env steps), {who}, {where}. A flag "
-             "column says whether the task's evaluate() flag was ever true in the episode (sampled: in which "
+             "column says whether the task's evaluate() (or stage) flag was ever true in the episode (sampled: in which "
              "fraction).", "", "| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
 
     def cells(r: dict, fmt) -> list:

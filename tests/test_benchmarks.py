@@ -205,3 +205,30 @@ def test_frontier_probe_of_initial_states_uses_eval_seeds_and_horizon_without_de
     assert float(all_row[2 + 2 + sorted(out["rows"][0]["flags"]).index("is_obj_placed")]) == pytest.approx(placed)
     with pytest.raises(SystemExit, match="leave out --initial-states"):
         frontier.main(frontier.Args(str(ckpt), initial_states=3, demo_actions=True))
+
+
+def test_frontier_probe_reports_pull_cube_tools_stages(asset_dir, tmp_path):
+    """PullCubeTool's evaluate() reports only success, so frontier.py adds the stages of its dense reward: a planner
+    demo replayed from its first state grasps the tool and sets its hook behind the cube before it succeeds; a fresh
+    policy does neither in 4 steps from an eval seed's initial state."""
+    import jax
+
+    import common
+    import frontier
+    import rlpd
+
+    path = common.get_demos("PullCubeTool-v1", "state", "pd_joint_delta_pos", 1)
+    args = rlpd.Args(env_id="PullCubeTool-v1", num_demos=1, max_episode_steps=400, dataset_path=str(path))
+    demos = common.load_demos(path, 1)
+    _, _, state = rlpd.init_sac(args, demos.obs.shape[1], demos.actions.shape[1], jax.random.PRNGKey(0))
+    ckpt = tmp_path / "fresh.ckpt"
+    common.save_checkpoint(ckpt, "rlpd", args, demos.obs.shape[1], demos.actions.shape[1],
+                           rlpd.networks(state), 0)
+    (row,) = frontier.main(frontier.Args(str(ckpt), every=10_000, demo_actions=True))["rows"]
+    assert row["once"] and row["flags"] == {"is_tool_grasped": True, "is_tool_behind_cube": True}, row
+    args.max_episode_steps = 4
+    common.save_checkpoint(ckpt, "rlpd", args, demos.obs.shape[1], demos.actions.shape[1],
+                           rlpd.networks(state), 0)
+    out = frontier.main(frontier.Args(str(ckpt), initial_states=1, out=str(tmp_path / "pct")))
+    assert out["rows"][0]["flags"] == {"is_tool_grasped": False, "is_tool_behind_cube": False}
+    assert "is_tool_behind_cube" in (tmp_path / "pct.md").read_text()
