@@ -253,7 +253,7 @@ def report(a: Args, specs: list[RunSpec]) -> dict:
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1000:.0f}k"))
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8, loc="upper left")
+            ax.legend(fontsize=8, loc="best")  # the curves differ per task; let matplotlib keep them visible
     axes[0][0].set_ylabel("eval success_at_end")
     fig.tight_layout()
     out = Path(a.out)
