@@ -41,7 +41,7 @@ NOT_FLAGS = ("success", "fail", "success_once", "success_at_end")  # success is 
 
 def _pull_cube_tool_flags(u) -> dict:
     """PullCubeTool's dense reward stages: the tool grasped, then its hook within 5 cm of its place behind the cube
-    (the planner's demos get there 100-130 steps after the grasp, and succeed 35-50 steps later)."""
+    (the planner's demos get there 100-130 steps after the grasp, and succeed 34-50 steps later)."""
     cube, tool = u.cube.pose.p, u.l_shape_tool.pose.p
     hook = cube + cube.new_tensor([-(u.hook_length + u.cube_half_size), -0.067, 0])
     return {"is_tool_grasped": u.agent.is_grasping(u.l_shape_tool, max_angle=20),
@@ -103,6 +103,7 @@ def probe(a: Args) -> dict:
     det = jax.jit(lambda o: script.deterministic_action(actor, params, o))
     sample = jax.jit(lambda o, k: script.sample_action(actor, params, o, k)[0])
     key = jax.random.PRNGKey(a.seed)
+    stage_flags = TASK_FLAGS.get(targs.env_id, lambda u: {})
     first_row = np.concatenate([[0], np.cumsum(demos.lengths)[:-1]]) if demos else None  # of each demo's rows
 
     def episode(i: Optional[int], t: int, key=None) -> dict:
@@ -126,8 +127,7 @@ def probe(a: Args) -> dict:
                 key, k = jax.random.split(key)
                 act = sample(o, k)
             obs, _, _, _, info = env.step(np.asarray(act)[0])
-            stages = TASK_FLAGS[targs.env_id](env.unwrapped) if targs.env_id in TASK_FLAGS else {}
-            info = {**info, **{k: v.cpu().numpy()[0] for k, v in stages.items()}}
+            info = {**info, **{k: v.cpu().numpy()[0] for k, v in stage_flags(env.unwrapped).items()}}
             for name, v in info.items():
                 if name not in NOT_FLAGS and np.asarray(v).dtype == bool:
                     flags[name] = flags.get(name, False) or bool(v)
@@ -172,8 +172,8 @@ def table(result: dict, stochastic: bool) -> str:
     where = (f"from the env's own initial states of eval seeds 10**6 + 0..{len(rows) - 1}" if initial else
              "from demo states")
     lines = [f"Checkpoint `{result['checkpoint']}` ({result['global_step']} env steps), {who}, {where}. A flag "
-             "column says whether the task's evaluate() (or stage) flag was ever true in the episode (sampled: in which "
-             "fraction).", "", "| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+             "column says whether the task's evaluate() (or stage) flag was ever true in the episode (sampled: in "
+             "which fraction).", "", "| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
 
     def cells(r: dict, fmt) -> list:
         c = [fmt(r["once"]), fmt(r["at_end"]), *(fmt(r["flags"].get(k, False)) for k in flags),
