@@ -220,15 +220,14 @@ def test_frontier_probe_reports_pull_cube_tools_stages(asset_dir, tmp_path):
     path = common.get_demos("PullCubeTool-v1", "state", "pd_joint_delta_pos", 1)
     args = rlpd.Args(env_id="PullCubeTool-v1", num_demos=1, max_episode_steps=400, dataset_path=str(path))
     demos = common.load_demos(path, 1)
-    _, _, state = rlpd.init_sac(args, demos.obs.shape[1], demos.actions.shape[1], jax.random.PRNGKey(0))
+    dims = (demos.obs.shape[1], demos.actions.shape[1])
+    _, _, state = rlpd.init_sac(args, *dims, jax.random.PRNGKey(0))
     ckpt = tmp_path / "fresh.ckpt"
-    common.save_checkpoint(ckpt, "rlpd", args, demos.obs.shape[1], demos.actions.shape[1],
-                           rlpd.networks(state), 0)
+    common.save_checkpoint(ckpt, "rlpd", args, *dims, rlpd.networks(state), 0)
     (row,) = frontier.main(frontier.Args(str(ckpt), every=10_000, demo_actions=True))["rows"]
     assert row["once"] and row["flags"] == {"is_tool_grasped": True, "is_tool_behind_cube": True}, row
     args.max_episode_steps = 4
-    common.save_checkpoint(ckpt, "rlpd", args, demos.obs.shape[1], demos.actions.shape[1],
-                           rlpd.networks(state), 0)
+    common.save_checkpoint(ckpt, "rlpd", args, *dims, rlpd.networks(state), 0)
     out = frontier.main(frontier.Args(str(ckpt), initial_states=1, out=str(tmp_path / "pct")))
     assert out["rows"][0]["flags"] == {"is_tool_grasped": False, "is_tool_behind_cube": False}
     assert "is_tool_behind_cube" in (tmp_path / "pct.md").read_text()
