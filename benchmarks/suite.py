@@ -18,7 +18,8 @@ Executors:
 Writes <out>/<name>.png (eval success_at_end vs env steps, a panel per task, a line per config, mean and min-max
 over seeds), <out>/<name>.md (for every run: env steps and wall-clock of training to 0.5 and 0.9 of success_at_end
 and success_once, RFCL's stage-1 end, the last eval, how the run ended, env steps/s, the machine) and
-<out>/<name>.json (the same with the curves).
+<out>/<name>.json (the same with the curves). A run whose folder is not under --root (it ran on another machine, or
+its disk was wiped) keeps the row and curve it had in the previous <out>/<name>.json, and says so.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
+import numpy as np
 import tyro
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -213,6 +215,18 @@ def run_status(run_dir: Path, machine: str = "-") -> dict:
     return {"ended": ended, "machine": " + ".join(s.get("machines", [])) or machine}
 
 
+def previous_report(path: Path) -> dict:
+    """Run folder name -> (curve, row) from an earlier <name>.json; {} when there is none."""
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    curves = {Path(c["run"]).name: {k: np.asarray(v) if isinstance(v, list) else v for k, v in c.items()}
+              for group in d.get("curves", {}).values() for c in group}
+    return {Path(r["run"]).name: (curves[Path(r["run"]).name], r) for r in d.get("rows", [])
+            if Path(r["run"]).name in curves}
+
+
 def report(a: Args, specs: list[RunSpec]) -> dict:
     """One figure (a panel per task, a line per config) and one table over all runs that have eval events."""
     import matplotlib
@@ -221,6 +235,8 @@ def report(a: Args, specs: list[RunSpec]) -> dict:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
+    out = Path(a.out)
+    previous = previous_report(out / f"{a.name}.json")
     envs = list(dict.fromkeys(s.env_id for s in specs))
     fig, axes = plt.subplots(1, len(envs), figsize=(4.2 * len(envs), 3.6), dpi=100, squeeze=False)
     rows, curves_out = [], {}
@@ -229,18 +245,29 @@ def report(a: Args, specs: list[RunSpec]) -> dict:
             algo, _, n = config.partition(":")
             runs = [run_dir(a, s) for s in specs
                     if (s.env_id, s.algo, s.num_demos) == (env, algo, int(n))]
-            curves = []
-            for r in (r for r in runs if list(r.glob("events.out.tfevents.*"))):
-                try:
-                    curves.append(learning.read_run(r))
-                except ValueError:  # not started, or no eval yet
-                    print(f"{r.name}: no eval yet, left out", flush=True)
+            curves, kept = [], {}
+            for r in runs:
+                if list(r.glob("events.out.tfevents.*")):
+                    try:
+                        curves.append(learning.read_run(r))
+                    except ValueError:  # not started, or no eval yet
+                        print(f"{r.name}: no eval yet, left out", flush=True)
+                elif r.name in previous:
+                    curve, kept[r.name] = previous[r.name]
+                    curves.append(curve)
+                    print(f"{r.name}: not under {r.parent}; row and curve kept from {out / a.name}.json", flush=True)
             if not curves:
                 continue
             curves_out[f"{env} {config}"] = learning.curves_json(curves)
             for c, row in zip(curves, learning.summarise(curves)["runs"]):
-                rows.append({"task": env, "config": config, **row, "stage1_end_step": stage1_end(Path(c["run"])),
-                             **run_status(Path(c["run"]), a.machine)})
+                name = Path(c["run"]).name
+                if name in kept:  # its resume state went with its folder
+                    old = kept[name]
+                    where = {"stage1_end_step": old["stage1_end_step"], "machine": old["machine"],
+                             "ended": old["ended"].replace(", resumable", "")}
+                else:
+                    where = {"stage1_end_step": stage1_end(Path(c["run"])), **run_status(Path(c["run"]), a.machine)}
+                rows.append({"task": env, "config": config, **row, **where})
             seeds = f"{len(curves)} seed" + ("s" if len(curves) > 1 else "")
             learning.band(ax, curves, f"{algo.upper()}, {n} demos ({seeds})")
         if not ax.get_lines():  # the panel stays, empty over the task's budget, so the grid's shape is visible
@@ -256,7 +283,6 @@ def report(a: Args, specs: list[RunSpec]) -> dict:
             ax.legend(fontsize=8, loc="best")  # the curves differ per task; let matplotlib keep them visible
     axes[0][0].set_ylabel("eval success_at_end")
     fig.tight_layout()
-    out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     fig.savefig(out / f"{a.name}.png")
     plt.close(fig)
@@ -274,8 +300,11 @@ def report(a: Args, specs: list[RunSpec]) -> dict:
                      f"{r['final_success']:.2f} / {r.get('final_success_once', float('nan')):.2f} at "
                      f"{r['final_step']:,} | {r['ended']} | {r['sps']:.0f} | {r['machine']} |")
     md = "\n".join(lines) + "\n"
-    (out / f"{a.name}.md").write_text(md)
-    (out / f"{a.name}.json").write_text(json.dumps({"rows": rows, "curves": curves_out}, indent=1))
+    for path, text in ((out / f"{a.name}.md", md),
+                       (out / f"{a.name}.json", json.dumps({"rows": rows, "curves": curves_out}, indent=1))):
+        tmp = path.with_name(path.name + ".tmp")  # the old json is the record of runs whose folders are gone
+        tmp.write_text(text)
+        os.replace(tmp, path)
     print(md + f"wrote {out / a.name}.png/.md/.json", flush=True)
     return {"rows": rows}
 

@@ -3,6 +3,7 @@ runs, and the checkpoint-and-requeue path that a Slurm time limit takes: a run s
 group mid-stage-1 saves, says how to go on, and the requeued job resumes it to its budget with continuous tags."""
 
 import json
+import shutil
 import sys
 import threading
 import time
@@ -39,6 +40,14 @@ def test_a_tiny_grid_runs_through_submitit_then_is_reused(demo_path, tmp_path):
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("suite_*/**/*") if p.is_file()}
     suite.run_grid(args, suite.grid(args))
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("suite_*/**/*") if p.is_file()} == before
+    # a run folder gone (another machine, a wiped disk): its row and curve stay, from the previous report
+    shutil.rmtree(tmp_path / "runs" / "suite_PushCube_rlpd_d2_s1")
+    again = suite.report(args, suite.grid(args))["rows"]
+    assert [{k: r[k] for k in ("task", "final_step", "final_success", "ended", "machine")} for r in again] == \
+        [{k: r[k] for k in ("task", "final_step", "final_success", "ended", "machine")} for r in rows]
+    assert (tmp_path / "out" / "tiny.md").read_text() == md
+    (tmp_path / "out" / "tiny.json").unlink()  # and without a previous report it drops out
+    assert [r["task"] for r in suite.report(args, suite.grid(args))["rows"]] == ["PickCube-v1"]
 
 
 def test_a_checkpointed_job_stops_its_run_and_the_requeued_job_resumes_it(demo_path, tmp_path):
