@@ -163,18 +163,37 @@ def run_dir(a: Args, s: RunSpec) -> Path:
     return Path(a.root).resolve() / "runs" / f"{a.prefix}_{s.name}"
 
 
-def run_grid(a: Args, specs: list[RunSpec]) -> None:
+def run_grid(a: Args, specs: list[RunSpec]) -> list[str]:
+    """Runs what is not finished; returns one line per run that did not end well (the others go on)."""
     root = Path(a.root).resolve()
     jobs = [Job(s, run_dir(a, s), root / a.log_dir / f"{a.prefix}_{s.name}.log") for s in specs]
     todo = [j for j in jobs if not j.spec.finished(j.run_dir)]
     print(f"{len(jobs)} runs, {len(jobs) - len(todo)} already finished (reused)", flush=True)
     if not todo or a.executor == "none":
-        return
+        return []
+    failed = []
+
+    def outcome(j: Job, error: Optional[BaseException]) -> None:
+        if error is None:
+            print(f"done: {j.run_dir.name}", flush=True)
+            return
+        resumable = " (it has a resume state: the same command continues it)" if (
+            j.run_dir / "resume.state").exists() else ""
+        failed.append(f"{j.run_dir.name}: {str(error).strip().splitlines()[-1]}{resumable}")
+        print(f"not finished: {failed[-1]}", flush=True)
+
+    def attempt(call) -> Optional[BaseException]:
+        try:
+            call()
+        except Exception as e:  # noqa: BLE001 -- a run's failure is reported in one line; the others go on
+            return e
+        return None
+
     if a.executor == "local":
         with ThreadPoolExecutor(max_workers=a.parallel) as pool:
-            for j, _ in zip(todo, pool.map(lambda j: j(), todo)):
-                print(f"done: {j.run_dir.name}", flush=True)
-        return
+            for j, error in zip(todo, pool.map(attempt, todo)):
+                outcome(j, error)
+        return failed
     import submitit
 
     # the jobs unpickle Job from this module: let them import it (Slurm passes the environment on)
@@ -190,8 +209,8 @@ def run_grid(a: Args, specs: list[RunSpec]) -> None:
         futures = [ex.submit(j) for j in todo]
     print(f"submitted {len(futures)} jobs: {', '.join(f.job_id for f in futures)}", flush=True)
     for j, f in zip(todo, futures):
-        f.result()  # raises with the job's error
-        print(f"done: {j.run_dir.name}", flush=True)
+        outcome(j, attempt(f.result))
+    return failed
 
 
 def stage1_end(run_dir: Path) -> Optional[int]:
@@ -312,9 +331,12 @@ def report(a: Args, specs: list[RunSpec]) -> dict:
 def main(a: Args) -> dict:
     specs = grid(a)
     t0 = time.time()
-    run_grid(a, specs)
+    failed = run_grid(a, specs)
     print(f"grid done in {time.time() - t0:.0f} s", flush=True)
-    return report(a, specs)
+    result = report(a, specs)
+    if failed:
+        raise SystemExit(f"error: {len(failed)} of {len(specs)} runs did not finish:\n  " + "\n  ".join(failed))
+    return result
 
 
 if __name__ == "__main__":

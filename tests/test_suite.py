@@ -91,3 +91,22 @@ def test_a_checkpointed_job_stops_its_run_and_the_requeued_job_resumes_it(demo_p
             assert any(s <= step for s in steps), tag
     log_steps = [s for s, _ in scalars["charts/SPS"]]
     assert max(np.diff(log_steps)) <= 32 + 1, "no gap in the logged series across the resume"
+
+
+
+def test_a_run_that_fails_is_one_line_and_the_others_still_report(demo_path, tmp_path, capsys, monkeypatch):
+    """The local executor: a run that exits non-zero (here: a flag its script does not know) is named in one line
+    with its log, the grid's other run still runs and the report is still drawn; then suite.py exits with an error."""
+    args = suite.Args(configs=["rlpd:2"], env_ids=["PickCube-v1"], seeds=[1, 2], total_timesteps=128, extra=TINY,
+                      root=str(tmp_path), out=str(tmp_path / "out"), name="tiny")
+    good, bad = suite.grid(args)
+    bad.extra = [*bad.extra, "--no-such-flag"]
+    monkeypatch.setattr(suite, "grid", lambda a: [good, bad])
+    with pytest.raises(SystemExit) as stop:
+        suite.main(args)
+    out = capsys.readouterr().out
+    assert "Traceback" not in out and "done: suite_PickCube_rlpd_d2_s1" in out
+    assert str(stop.value) == (f"error: 1 of 2 runs did not finish:\n  suite_PickCube_rlpd_d2_s2: PickCube_rlpd_d2_s2 "
+                               f"exited 2; see {tmp_path}/runs/suite_logs/suite_PickCube_rlpd_d2_s2.log")
+    assert "--no-such-flag" in (tmp_path / "runs" / "suite_logs" / "suite_PickCube_rlpd_d2_s2.log").read_text()
+    assert "| PickCube-v1 | rlpd:2 | suite_PickCube_rlpd_d2_s1 |" in (tmp_path / "out" / "tiny.md").read_text()
