@@ -131,6 +131,11 @@ def curves_json(curves: list[dict]) -> list[dict]:
     return [{k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in c.items()} for c in curves]
 
 
+def curves_from_json(curves: list[dict]) -> list[dict]:
+    """The inverse of curves_json: lists back to arrays."""
+    return [{k: np.asarray(v) if isinstance(v, list) else v for k, v in c.items()} for c in curves]
+
+
 # ---- plotting --------------------------------------------------------------------------------------------
 def band(ax, curves: list[dict], label: str, key: str = "steps", scale: float = 1.0) -> None:
     """One config on one axis: the mean success over its runs (interpolated on a common x up to the shortest run)

@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-import numpy as np
 import tyro
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -240,8 +239,8 @@ def previous_report(path: Path) -> dict:
         d = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-    curves = {Path(c["run"]).name: {k: np.asarray(v) if isinstance(v, list) else v for k, v in c.items()}
-              for group in d.get("curves", {}).values() for c in group}
+    curves = {Path(c["run"]).name: c for group in d.get("curves", {}).values()
+              for c in learning.curves_from_json(group)}
     return {Path(r["run"]).name: (curves[Path(r["run"]).name], r) for r in d.get("rows", [])
             if Path(r["run"]).name in curves}
 

@@ -93,7 +93,6 @@ def test_a_checkpointed_job_stops_its_run_and_the_requeued_job_resumes_it(demo_p
     assert max(np.diff(log_steps)) <= 32 + 1, "no gap in the logged series across the resume"
 
 
-
 def test_a_run_that_fails_is_one_line_and_the_others_still_report(demo_path, tmp_path, capsys, monkeypatch):
     """The local executor: a run that exits non-zero (here: a flag its script does not know) is named in one line
     with its log, the grid's other run still runs and the report is still drawn; then suite.py exits with an error."""
