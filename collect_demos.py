@@ -84,7 +84,7 @@ class RecordingWorker(gym.Wrapper):
     """One CPU env in a worker process: RecordEpisode (trajectories) inside CPUGymWrapper."""
 
     def __init__(self, env_id: str, env_kwargs: dict, out_dir: str, idx: int, source: str, record_video: bool):
-        env = gym.make(env_id, **env_kwargs)
+        env = common.make_env(env_id, **env_kwargs)
         self.video = common.VideoRecorder(env) if record_video else None
         self.record = RecordEpisode(self.video or env, output_dir=out_dir, trajectory_name=f"part{idx}",
                                     save_trajectory=True, save_video=False, save_on_reset=False, record_reward=True,
