@@ -4,12 +4,12 @@
 
 The deterministic policy runs in parallel envs for fixed-length episodes (the training convention);
 ManiSkill's RecordEpisode writes obs, actions, terminated, truncated, success, rewards and env_states,
-so `python -m mani_skill.trajectory.replay_trajectory` replays the file and common.load_demos reads it.
+so `python -m mani_skill.trajectory.replay_trajectory` replays the file and common.load_demos reads it. The policy is
+built by the script that wrote the checkpoint (a copy of rfcl.py or rlpd.py with an edited Actor included).
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import signal
@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import gymnasium as gym
-import jax
 import numpy as np
 import torch
 import tyro
@@ -32,13 +31,18 @@ from mani_skill.utils.wrappers.gymnasium import CPUGymWrapper
 from mani_skill.utils.wrappers.record import RecordEpisode
 from tqdm import tqdm
 
+import bookkeeping
 import common
+import vector_env
 
 
 @dataclass
 class Args:
     checkpoint: tyro.conf.Positional[str]
-    """checkpoint written by rfcl.py or rlpd.py"""
+    """checkpoint written by rfcl.py, rlpd.py or a copy of either"""
+    script: Optional[str] = None
+    """the script whose networks to build (default: the one that wrote the checkpoint, by the path it records, else
+    the file of that name beside this one)"""
     num_envs: int = 8
     """parallel envs"""
     num_episodes: int = 100
@@ -61,20 +65,15 @@ class Args:
     """videos to write with --save-video"""
 
 
-def load_policy(path: str):
+def load_policy(path: str, script: Optional[str] = None):
     """Checkpoint dict plus a jitted deterministic policy, built with the networks of the script that wrote it."""
-    ckpt = common.load_checkpoint(path)
-    module = importlib.import_module(ckpt["algorithm"])  # rfcl.py / rlpd.py beside this file
-    actor = module.Actor(int(ckpt["act_dim"]), tuple(int(h) for h in ckpt["hidden_dims"]))
-    return ckpt, jax.jit(partial(module.deterministic_action, actor, ckpt["actor_params"]))
+    ckpt = bookkeeping.load_checkpoint(path)
+    return ckpt, bookkeeping.checkpoint_script(ckpt, path, script).load_actor(ckpt)[0]
 
 
 def make_env_kwargs(ckpt: dict, max_steps: int, num_envs: int, sim_backend: str, render: bool) -> dict:
-    kw = dict(obs_mode=ckpt["obs_mode"], control_mode=ckpt["control_mode"], reward_mode="sparse",
-              sim_backend=sim_backend, num_envs=num_envs, max_episode_steps=max_steps)
-    if render:
-        kw.update(render_mode="rgb_array", human_render_camera_configs=dict(width=256, height=256))
-    return kw
+    return vector_env.env_kwargs(ckpt["obs_mode"], ckpt["control_mode"], num_envs, sim_backend, 256 if render else None,
+                                 max_steps)
 
 
 SOURCE_DESC = "rollouts of a {algo} policy (deterministic actions) from checkpoint {path}"
@@ -84,7 +83,7 @@ class RecordingWorker(gym.Wrapper):
     """One CPU env in a worker process: RecordEpisode (trajectories) inside CPUGymWrapper."""
 
     def __init__(self, env_id: str, env_kwargs: dict, out_dir: str, idx: int, source: str, record_video: bool):
-        env = common.make_env(env_id, **env_kwargs)
+        env = vector_env.make_env(env_id, **env_kwargs)
         self.video = common.VideoRecorder(env) if record_video else None
         self.record = RecordEpisode(self.video or env, output_dir=out_dir, trajectory_name=f"part{idx}",
                                     save_trajectory=True, save_video=False, save_on_reset=False, record_reward=True,
@@ -137,7 +136,7 @@ class CPURecorder:
 
 class GPURecorder:
     def __init__(self, ckpt, args: Args, max_steps: int, tmp: str):
-        env = gym.make(ckpt["env_id"], **make_env_kwargs(ckpt, max_steps, args.num_envs, common.GPU_PHYSX,
+        env = gym.make(ckpt["env_id"], **make_env_kwargs(ckpt, max_steps, args.num_envs, vector_env.GPU_PHYSX,
                                                           render=args.save_video))
         self.video = common.VideoRecorder(env, env_index=0) if args.save_video else None
         self.record = RecordEpisode(self.video or env, output_dir=tmp, trajectory_name="part0", save_trajectory=True,
@@ -176,8 +175,8 @@ def main(args: Args) -> None:
     if args.num_envs < 1 or args.num_episodes < 1:
         common.fail(f"--num-envs and --num-episodes must be >= 1 (got {args.num_envs}, {args.num_episodes})")
     if args.sim_backend == "gpu":
-        common.check_gpu_simulation()
-    ckpt, act = load_policy(args.checkpoint)
+        vector_env.check_gpu_simulation()
+    ckpt, act = load_policy(args.checkpoint, args.script)
     train_args = json.loads(ckpt["args"])
     max_steps = args.max_episode_steps or int(train_args.get("max_episode_steps", 50))
     max_attempts = args.max_attempts or 10 * args.num_episodes
@@ -229,7 +228,7 @@ def main(args: Args) -> None:
             # a GPU reset call draws all its envs from its first env's seed: there a recorded seed does not give
             # back its episode's initial state; the recorded env states always do
             meta["reset_seeds_reproduce_episodes"] = args.sim_backend == "cpu"
-            common.write_json(tmp_h5.with_suffix(".json"), meta)
+            bookkeeping.write_json(tmp_h5.with_suffix(".json"), meta)
             # json last: a reader that finds the json finds a complete h5
             os.replace(tmp_h5, out_h5)
             os.replace(tmp_h5.with_suffix(".json"), out_h5.with_suffix(".json"))

@@ -1,20 +1,24 @@
 """RFCL: Reverse Forward Curriculum Learning (Tao et al., ICLR 2024) on ManiSkill3, in JAX.
 
 Explained section by section in docs/rfcl.md. One file, top to bottom: Args -> curricula -> networks and the
-jitted SAC update -> replay buffers -> the training loop (stage 1, the stage switch, stage 2). The plumbing that
-rlpd.py shares (envs, eval rollouts, checkpoint files, run directory) is in common.py.
+jitted SAC update -> replay buffers -> the training loop (stage 1, the stage switch, stage 2). What rlpd.py shares
+is in common.py (demos, eval, videos), vector_env.py (the CPU and GPU envs) and bookkeeping.py (flags, run files,
+checkpoints, resume states). To start your own variant, copy this file under a new name and edit it (README).
     python rfcl.py --env-id PickCube-v1 --num-demos 5
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import signal
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Literal, Optional
 
 import flax.linen as nn
@@ -26,9 +30,12 @@ from flax import serialization, struct
 from flax.training.train_state import TrainState
 from tqdm import tqdm
 
+import bookkeeping
 import common
+import vector_env
 
-ALGORITHM = "rfcl"
+ALGORITHM = "rfcl"  # checkpoints and resume states say which algorithm and which script (this file) wrote them
+SCRIPT = str(Path(__file__).resolve())
 
 
 # ======================================================================================================
@@ -187,6 +194,76 @@ TASK_DEFAULTS = {
     "PlugCharger-v1": dict(gamma=0.95, batch_size=512, buffer_size=2_000_000, demo_horizon_to_max_steps_ratio=1.25,
                            reverse_step_size=2, demo_action_scale=1.25),
 }
+
+
+# flags that change when and what is logged or saved, or how long the run goes, never what it learns: the only ones
+# that --resume takes beside the run's args.json
+RESUME_FLAGS = ("total-timesteps", "target-success", "target-evals", "eval-freq", "save-freq", "capture-video",
+                "no-capture-video", "num-eval-episodes")
+
+
+def parse_args(argv=None) -> Args:
+    """The command line over the layered defaults (bookkeeping.parse_args): Args, then the env's registered horizon
+    and TASK_DEFAULTS, then --preset, then the flags given."""
+    return bookkeeping.parse_args(Args, PRESETS, __doc__, lambda a: {
+        "max_episode_steps": vector_env.registered_horizon(a.env_id), **TASK_DEFAULTS.get(a.env_id, {})},
+        RESUME_FLAGS, ALGORITHM, SCRIPT, argv)
+
+
+def check_args(args: Args) -> None:
+    """Every flag in its meaningful range, before anything is built or written: one line for the first that is not."""
+    vector_env.check_env_id(args.env_id)
+    if args.max_episode_steps is None:
+        common.fail(f"{args.env_id} registers no max_episode_steps; give the episode horizon with --max-episode-steps")
+    for name in ("total_timesteps", "num_envs", "num_eval_envs", "num_eval_episodes", "steps_per_env",
+                 "grad_updates_per_step", "eval_freq", "save_freq", "log_freq", "buffer_size", "batch_size",
+                 "max_episode_steps", "actor_update_freq", "num_qs", "target_evals"):
+        if getattr(args, name) < 1:
+            common.fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.target_success is not None and not 0 <= args.target_success <= 1:
+        common.fail(f"--target-success is an eval success rate in [0, 1], got {args.target_success}")
+    if args.num_seed_steps < 0:
+        common.fail(f"--num-seed-steps must be >= 0, got {args.num_seed_steps}")
+    if args.buffer_size < args.num_seed_steps:
+        common.fail(f"--buffer-size {args.buffer_size} is smaller than --num-seed-steps {args.num_seed_steps}: updates "
+                    f"start only once the online buffer holds that many transitions, so they would never start")
+    if not 0 <= args.gamma < 1:
+        common.fail(f"--gamma is a discount in [0, 1), got {args.gamma}")
+    if not 0 < args.tau <= 1:
+        common.fail(f"--tau is the target critics' Polyak rate, in (0, 1], got {args.tau}")
+    if args.learning_rate <= 0 or args.init_temperature <= 0:
+        common.fail(f"--learning-rate and --init-temperature must be > 0, got {args.learning_rate} and "
+                    f"{args.init_temperature}")
+    if not args.hidden_dims or min(args.hidden_dims) < 1:
+        common.fail(f"--hidden-dims takes one width >= 1 per hidden layer (e.g. --hidden-dims 256 256 256), got "
+                    f"{' '.join(map(str, args.hidden_dims)) or 'none'}")
+    if args.capture_video and args.render_size < 1:
+        common.fail(f"--render-size must be >= 1 with videos, got {args.render_size} (or pass --no-capture-video)")
+    if args.batch_size % 2:
+        common.fail("--batch-size must be even (half online, half offline)")
+    if not 1 <= args.num_min_qs <= args.num_qs:
+        common.fail(f"--num-min-qs must be in 1..--num-qs ({args.num_qs}), got {args.num_min_qs}")
+    for name in ("reverse_step_size", "per_demo_buffer_size", "num_seeds", "plr_history"):
+        if getattr(args, name) < 1:
+            common.fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.demo_action_scale <= 0 or args.demo_horizon_to_max_steps_ratio <= 0 or args.plr_temperature <= 0:
+        common.fail(f"--demo-action-scale, --demo-horizon-to-max-steps-ratio and --plr-temperature must be > 0, got "
+                    f"{args.demo_action_scale}, {args.demo_horizon_to_max_steps_ratio} and {args.plr_temperature}")
+    if not 0 <= args.plr_staleness_coef <= 1:
+        common.fail(f"--plr-staleness-coef is a mixing weight in [0, 1], got {args.plr_staleness_coef}")
+    if args.evaluate and not args.checkpoint:
+        common.fail("--evaluate needs --checkpoint PATH")
+    # stage 1 restores demo states, each recorded in the scene its demo's seed built
+    if args.sim_backend == "gpu" and args.num_envs > 1 and vector_env.scene_per_episode(args.env_id):
+        common.fail(f"{args.env_id} draws each episode's scene (objects, sizes) from its seed, while a GPU-batched env "
+                    f"fixes each env's scene once when built, so demo states would be restored into other scenes: use "
+                    f"--sim-backend cpu (or --num-envs 1) for it")
+    if args.sim_backend == "gpu":
+        vector_env.check_gpu_simulation()
+    if args.track:
+        bookkeeping.check_wandb()
+    if args.exp_name is None:
+        args.exp_name = f"{args.env_id}__{ALGORITHM}{'_eval' if args.evaluate else ''}__{args.seed}__{int(time.time())}"
 
 
 # ======================================================================================================
@@ -404,7 +481,7 @@ def init_sac(args: Args, obs_dim: int, act_dim: int, key):
 
 
 def networks(s: SACState) -> dict:
-    """The learner's weights as a checkpoint stores them (common.NETWORK_FIELDS)."""
+    """The learner's weights as a checkpoint stores them (bookkeeping.NETWORK_FIELDS)."""
     return {"actor_params": s.actor.params, "critic_params": s.critic.params, "target_params": s.target_params,
             "log_alpha": s.temp.params["log_alpha"]}
 
@@ -415,6 +492,22 @@ def with_networks(s: SACState, ckpt: dict) -> SACState:
                      critic=s.critic.replace(params=ckpt["critic_params"]),
                      target_params=jax.tree_util.tree_map(jnp.array, ckpt["target_params"]),
                      temp=s.temp.replace(params={"log_alpha": jnp.asarray(ckpt["log_alpha"])}))
+
+
+def checkpoint_meta(args: Args, obs_dim: int, act_dim: int) -> dict:
+    """What a checkpoint says of itself besides the networks (bookkeeping.save_checkpoint)."""
+    return {"algorithm": ALGORITHM, "script": SCRIPT, "env_id": args.env_id, "obs_mode": args.obs_mode,
+            "control_mode": args.control_mode, "obs_dim": obs_dim, "act_dim": act_dim,
+            "hidden_dims": list(args.hidden_dims), "num_qs": args.num_qs, "args": json.dumps(dataclasses.asdict(args))}
+
+
+def load_actor(ckpt: dict):
+    """A checkpoint's policy with this file's Actor: (deterministic(obs), sample(obs, key)), both jitted. --evaluate,
+    collect_demos.py and benchmarks/frontier.py call it on the script that wrote the checkpoint."""
+    actor = Actor(int(ckpt["act_dim"]), tuple(int(h) for h in ckpt["hidden_dims"]))
+    params = ckpt["actor_params"]
+    return (jax.jit(partial(deterministic_action, actor, params)),
+            jax.jit(lambda obs, key: sample_action(actor, params, obs, key)[0]))
 
 
 def random_subset_min(q, key, num_min_qs: int):
@@ -586,25 +679,32 @@ class Episodes:
         return cls(*(np.zeros(n, t) for t in (int, int, int, int, int, float, bool, bool)))
 
 
-def start_episodes(mask, stage: int, eps: Episodes, envs, reverse: ReverseCurriculum, forward: ForwardCurriculum,
+def demo_state(demos, i: int, t: int) -> tuple[dict, np.ndarray]:
+    """RFCL's defining move: an episode starts from demo i's simulator state at step t, with the observation the
+    demo recorded there (the env's own would show stale contact flags until a physics step)."""
+    return jax.tree_util.tree_map(lambda x: x[t], demos.env_states[i]), demos.traj_obs[i][t]
+
+
+def start_episodes(mask, eps: Episodes, envs, stage: int, reverse: ReverseCurriculum, forward: ForwardCurriculum,
                    demos, args: Args):
     """Reset the envs in `mask` to new episodes and return all envs' observations. Stage 1: a start (demo i,
-    step t) sampled from the reverse curriculum, with its own time limit. Stage 2: a seed drawn by the forward
-    curriculum, with the full max_episode_steps."""
+    step t) sampled from the reverse curriculum, with its own time limit; the env builds the demo's scene from its
+    seed and restores the demo's state at t. Stage 2: a seed drawn by the forward curriculum, with the full
+    max_episode_steps."""
     n = len(mask)
-    seeds, starts = np.zeros(n, np.int64), [None] * n
+    seeds, states = np.zeros(n, np.int64), [None] * n
     for j in np.flatnonzero(mask):
         if stage == 1:
             i, t, h = reverse.sample_start()
             eps.demo[j], eps.start[j], eps.horizon[j] = i, t, h
-            seeds[j], starts[j] = demos.episodes[i]["episode_seed"], (i, t)
+            seeds[j], states[j] = demos.episodes[i]["episode_seed"], demo_state(demos, i, t)
             eps.det[j] = args.curriculum_policy == "deterministic" and reverse.is_frontier(i, t)
         else:
             k = forward.sample()
             eps.seed_idx[j], eps.horizon[j], seeds[j] = k, args.max_episode_steps, forward.seeds[k]
             eps.det[j] = False
     eps.length[mask], eps.ret[mask], eps.once[mask] = 0, 0.0, False
-    return envs.reset(mask, seeds, starts if stage == 1 else None)
+    return envs.reset(mask, seeds, states)
 
 
 def switch_to_stage2(state: SACState, online: ReplayBuffer, reverse: ReverseCurriculum, args: Args, run_dir,
@@ -617,11 +717,9 @@ def switch_to_stage2(state: SACState, online: ReplayBuffer, reverse: ReverseCurr
     - The networks, optimizer states and temperature carry over. As published, updates pause until the policy
       has put --num-seed-steps transitions into the new online buffer (the loop's update gate), so its half of
       each minibatch is not a few hundred transitions drawn over and over.
-    It is called at the end of an iteration; the save point that follows restarts every env on a forward-curriculum
-    seed (the stage-1 episodes running then end unjudged).
     """
-    common.save_checkpoint(run_dir / "checkpoints" / "stage1.ckpt", ALGORITHM, args, obs_dim, act_dim,
-                           networks(state), global_step, {"stage": 1, **reverse.state_dict()})
+    bookkeeping.save_checkpoint(run_dir / "checkpoints" / "stage1.ckpt", checkpoint_meta(args, obs_dim, act_dim),
+                                networks(state), global_step, {"stage": 1, **reverse.state_dict()})
     writer.add_scalar("curriculum/stage1_end_step", global_step, global_step)
     tqdm.write(f"stage 1 done at {global_step} env steps: all but {int((~reverse.solved).sum())} demos "
                f"reverse-solved; forward curriculum begins")
@@ -629,7 +727,7 @@ def switch_to_stage2(state: SACState, online: ReplayBuffer, reverse: ReverseCurr
 
 
 def resume_state(state: SACState, key, rng, reverse: ReverseCurriculum, forward: ForwardCurriculum,
-                 online: ReplayBuffer, offline: ReplayBuffer, loop: dict, run: common.RunLog) -> dict:
+                 online: ReplayBuffer, offline: ReplayBuffer, loop: dict, run: bookkeeping.RunLog) -> dict:
     """What --resume restores: the learner with its optimizer states, the JAX key, the numpy generator (random
     actions, curriculum draws), both curricula, both buffers (filled part), the loop counters and the schedule.
     Saved only at save points, after which every env starts a new episode (also in a run that goes on): the
@@ -653,23 +751,36 @@ def restore(saved: dict, state: SACState, rng, reverse: ReverseCurriculum, forwa
 
 def main(args: Args) -> None:
     warnings.filterwarnings("ignore", module="mani_skill")
-    ckpt, run_dir = common.check_inputs(args, ALGORITHM)  # nothing is built or written before this
-    # --resume: the whole state is read and checked before anything is built or written
-    resumed = common.load_resume_state(run_dir / common.RESUME_FILE, ALGORITHM)[1] if args.resume else None
-    if args.evaluate:
-        actor = Actor(int(ckpt["act_dim"]), tuple(ckpt["hidden_dims"]))
-        common.evaluate_checkpoint(args, ckpt, run_dir, jax.jit(partial(deterministic_action, actor,
-                                                                         ckpt["actor_params"])))
-        return
+    # nothing is built or written before the flags, the --checkpoint and the --resume state are checked
+    check_args(args)
+    ckpt = bookkeeping.load_run_checkpoint(
+        args.checkpoint, args.env_id, args.obs_mode, args.control_mode, SCRIPT,
+        None if args.evaluate else lambda o, a: networks(init_sac(args, o, a, jax.random.PRNGKey(0))[2]),
+    ) if args.checkpoint else None
+    if args.evaluate:  # with the networks of the script that wrote the checkpoint
+        return bookkeeping.evaluate_checkpoint(
+            ckpt, args.checkpoint, bookkeeping.new_run_dir(args.exp_name), lambda: vector_env.make_envs(
+                args.env_id, args.num_eval_envs, args.sim_backend, args.obs_mode, args.control_mode,
+                args.render_size if args.capture_video else None),
+            dataclasses.asdict(args), args.max_episode_steps, args.num_eval_episodes, args.capture_video)
+    run_dir = Path(args.resume) if args.resume else bookkeeping.new_run_dir(args.exp_name)
+    resumed = bookkeeping.load_resume_state(run_dir / bookkeeping.RESUME_FILE, ALGORITHM, SCRIPT,
+                                            args.total_timesteps)[1] if args.resume else None
     rng = np.random.default_rng(args.seed)
     key = jax.random.PRNGKey(args.seed)
 
     # ---- demos, envs, networks, buffers ---------------------------------------------------------------
-    demos, path = common.get_and_load_demos(args, env_states=True)
-    envs = common.make_envs(args, args.num_envs, demos=demos)
-    eval_envs = common.make_envs(args, args.num_eval_envs, record=args.capture_video)
-    obs_dim, act_dim = common.check_dims(args, envs, demos, path, ckpt)
-    common.make_run_dir(run_dir, args)
+    demos, path = common.get_and_load_demos(args.env_id, args.obs_mode, args.control_mode, args.num_demos,
+                                            args.dataset_path, env_states=True)
+    envs = vector_env.make_envs(args.env_id, args.num_envs, args.sim_backend, args.obs_mode, args.control_mode)
+    eval_envs = vector_env.make_envs(args.env_id, args.num_eval_envs, args.sim_backend, args.obs_mode,
+                                     args.control_mode, args.render_size if args.capture_video else None)
+    obs_dim, act_dim = envs.obs_dim, envs.act_dim
+    common.check_demo_dims(demos, path, obs_dim, act_dim, args.env_id, args.control_mode)
+    if ckpt is not None and (int(ckpt["obs_dim"]), int(ckpt["act_dim"])) != (obs_dim, act_dim):
+        common.fail(f"{args.checkpoint} has obs/act dims {ckpt['obs_dim']}/{ckpt['act_dim']}; {args.env_id} has "
+                    f"{obs_dim}/{act_dim}")
+    bookkeeping.make_run_dir(run_dir, dataclasses.asdict(args), resuming=bool(args.resume))
     print(f"run directory: {run_dir}", flush=True)
     print(f"{demos.num_trajectories} demos from {path} (lengths {demos.lengths.tolist()})", flush=True)
 
@@ -699,18 +810,31 @@ def main(args: Args) -> None:
             "global_step", "stage", "stage1_end_step", "grad_updates"))
         print(f"resumed at env step {global_step} (stage {stage}, online buffer {online.size}, offline buffer "
               f"{offline.size})", flush=True)
-    writer = common.open_writer(run_dir, args, resume_step=global_step if resumed else None)
-    run, stop = common.RunLog(args, run_dir, writer), common.StopRequest()
+    writer = bookkeeping.open_writer(run_dir, dataclasses.asdict(args), args.wandb_project_name if args.track else None,
+                                     resume_step=global_step if resumed else None)
+    run = bookkeeping.RunLog(run_dir, writer, args.total_timesteps, args.log_freq, args.eval_freq, args.save_freq,
+                             args.max_episode_steps, args.num_eval_episodes, args.capture_video, args.target_success,
+                             args.target_evals)
+    stop = bookkeeping.StopRequest()
     if resumed:
         run.load_state_dict(resumed["run"], global_step)
         del resumed
 
+    def save_checkpoint(name: str) -> None:
+        bookkeeping.save_checkpoint(run_dir / "checkpoints" / name, checkpoint_meta(args, obs_dim, act_dim),
+                                    networks(state), global_step, {"stage": stage, "stage1_end_step": stage1_end_step,
+                                                                   **reverse.state_dict()})
+
     n = args.num_envs
     envs.prepare(forward.seeds)  # GPU: each pool seed's initial state, fixed once in batched resets
     eps = Episodes.empty(n)
-    obs = start_episodes(np.ones(n, bool), stage, eps, envs, reverse, forward, demos, args)
-    done, switched = False, False
+    obs = start_episodes(np.ones(n, bool), eps, envs, stage, reverse, forward, demos, args)
+    done = False
     while not done:
+        # Every save point (every --save-freq env steps, the stage switch, the end, a stop signal) writes the resume
+        # state and then starts a new episode in every env. A resume state holds no simulator state, so a resumed run
+        # starts new episodes there; the run that goes on does the same, so that both go on identically.
+
         # ---- collect num_envs * steps_per_env transitions ---------------------------------------------
         reported = False
         with run.timed("simulation"):
@@ -743,13 +867,16 @@ def main(args: Args) -> None:
                             reverse.report(eps.demo[j], eps.start[j], bool(judged[j]))
                         else:
                             forward.report(eps.seed_idx[j], bool(judged[j]))
-                    obs = start_episodes(ended, stage, eps, envs, reverse, forward, demos, args)
+                    obs = start_episodes(ended, eps, envs, stage, reverse, forward, demos, args)
 
-        # ---- the stage switch, at the end of the iteration in which a report made the reverse curriculum done --
-        if stage == 1 and reported and reverse.done:
+        # ---- the stage switch, at the end of the iteration in which a report made the reverse curriculum done.
+        # Stage 2's first episodes start at the save point below, which the switch makes (a resume state written
+        # before them keeps the switch exact on --resume).
+        switched = stage == 1 and reported and reverse.done
+        if switched:
             offline, online = switch_to_stage2(state, online, reverse, args, run_dir, writer, global_step, obs_dim,
                                                act_dim)
-            stage, stage1_end_step, switched = 2, global_step, True  # the save point below starts stage 2's episodes
+            stage, stage1_end_step = 2, global_step
 
         # ---- learn: once the online buffer holds --num-seed-steps transitions of the current stage -----------
         learning = online.size >= max(args.num_seed_steps, 1)
@@ -763,33 +890,38 @@ def main(args: Args) -> None:
                 # next policy call (simulation). The next env step needs the new actor anyway.
                 jax.block_until_ready(state.actor.params)
 
-        # ---- log, evaluate, save --------------------------------------------------------------------------
-        run.pbar.update(global_step - run.pbar.n)
+        # ---- log, evaluate ---------------------------------------------------------------------------------
+        run.progress(global_step)
         if run.due("log", global_step):
             run.log(global_step, {"curriculum/stage": stage, **reverse.stats(), **forward.stats(),
                                   **(update_metrics(jax.device_get(info)) if learning else {})},
                     stage=stage, rev=f"{reverse.solved.mean():.2f}")
         if run.due("eval", global_step):
             run.evaluate(eval_envs, partial(policy_det, state.actor.params), global_step)
+
+        # ---- checkpoints: every --save-freq steps and at a stop signal (step_*.ckpt), at the end (final.ckpt) ---
         stopping = bool(stop)  # a signal stops the run here, at an iteration boundary
         done = stopping or global_step >= args.total_timesteps or run.target_reached
         saving = run.due("save", global_step)
-        names = [f"step_{global_step:08d}.ckpt"] * (saving or stopping) + ["final.ckpt"] * (done and not stopping)
-        for name in names:
-            common.save_checkpoint(run_dir / "checkpoints" / name, ALGORITHM, args, obs_dim, act_dim,
-                                   networks(state), global_step, {"stage": stage, "stage1_end_step": stage1_end_step,
-                                                                  **reverse.state_dict()})
+        if saving:
+            run.saved(global_step)
+        if saving or stopping:
+            save_checkpoint(f"step_{global_step:08d}.ckpt")
+        if done and not stopping:
+            save_checkpoint("final.ckpt")
+
         # ---- a save point: every --save-freq steps, at the stage switch, at the end, on a stop signal ---------
         if saving or switched or done:
             writer.flush()  # tensorboard holds every step up to here before the state that resumes after it
             loop = {"global_step": global_step, "stage": stage, "stage1_end_step": stage1_end_step,
                     "grad_updates": grad_updates}
-            run.seconds["save"] += common.save_resume_state(
-                run_dir / common.RESUME_FILE, ALGORITHM, args, global_step, stage,
-                resume_state(state, key, rng, reverse, forward, online, offline, loop, run))
-            switched = False
-            if not done:  # as after a resume: every env starts a new episode, so a resumed run repeats this one
-                obs = start_episodes(np.ones(n, bool), stage, eps, envs, reverse, forward, demos, args)
+            with run.timed("save"):
+                bookkeeping.save_resume_state(run_dir / bookkeeping.RESUME_FILE, ALGORITHM, SCRIPT,
+                                              dataclasses.asdict(args), global_step, stage,
+                                              resume_state(state, key, rng, reverse, forward, online, offline, loop,
+                                                           run))
+            if not done:  # as after a resume
+                obs = start_episodes(np.ones(n, bool), eps, envs, stage, reverse, forward, demos, args)
     run.finish(global_step, stop if stopping else None, stage=stage, stage1_end_step=stage1_end_step,
                grad_updates=grad_updates)
     envs.close(now=stopping)
@@ -797,7 +929,8 @@ def main(args: Args) -> None:
     if stopping:
         sys.exit(stop.exit_code)
 
+
 if __name__ == "__main__":
     # until the loop takes over SIGTERM, a plain `kill` is a normal exit, so the env workers are reaped
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    main(common.parse_args(Args, PRESETS, __doc__, task_defaults=TASK_DEFAULTS, algorithm=ALGORITHM))
+    main(parse_args())

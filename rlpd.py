@@ -1,19 +1,23 @@
 """RLPD: RL with Prior Data (Ball et al., ICML 2023) on ManiSkill3, in JAX.
 
 Explained section by section in docs/rlpd.md. One file, top to bottom: Args -> networks and the jitted SAC
-update -> replay buffers -> the training loop. The plumbing that rfcl.py shares (envs, eval rollouts,
-checkpoint files, run directory) is in common.py.
+update -> replay buffers -> the training loop. What rfcl.py shares is in common.py (demos, eval, videos),
+vector_env.py (the CPU and GPU envs) and bookkeeping.py (flags, run files, checkpoints, resume states). To start
+your own variant, copy this file under a new name and edit it (README).
     python rlpd.py --env-id PickCube-v1 --num-demos 100
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Literal, Optional
 
 import flax.linen as nn
@@ -24,9 +28,12 @@ import optax
 from flax import serialization, struct
 from flax.training.train_state import TrainState
 
+import bookkeeping
 import common
+import vector_env
 
-ALGORITHM = "rlpd"
+ALGORITHM = "rlpd"  # checkpoints and resume states say which algorithm and which script (this file) wrote them
+SCRIPT = str(Path(__file__).resolve())
 
 
 # ======================================================================================================
@@ -157,6 +164,63 @@ TASK_DEFAULTS = {
 }
 
 
+# flags that change when and what is logged or saved, or how long the run goes, never what it learns: the only ones
+# that --resume takes beside the run's args.json
+RESUME_FLAGS = ("total-timesteps", "target-success", "target-evals", "eval-freq", "save-freq", "capture-video",
+                "no-capture-video", "num-eval-episodes")
+
+
+def parse_args(argv=None) -> Args:
+    """The command line over the layered defaults (bookkeeping.parse_args): Args, then the env's registered horizon
+    and TASK_DEFAULTS, then --preset, then the flags given."""
+    return bookkeeping.parse_args(Args, PRESETS, __doc__, lambda a: {
+        "max_episode_steps": vector_env.registered_horizon(a.env_id), **TASK_DEFAULTS.get(a.env_id, {})},
+        RESUME_FLAGS, ALGORITHM, SCRIPT, argv)
+
+
+def check_args(args: Args) -> None:
+    """Every flag in its meaningful range, before anything is built or written: one line for the first that is not."""
+    vector_env.check_env_id(args.env_id)
+    if args.max_episode_steps is None:
+        common.fail(f"{args.env_id} registers no max_episode_steps; give the episode horizon with --max-episode-steps")
+    for name in ("total_timesteps", "num_envs", "num_eval_envs", "num_eval_episodes", "steps_per_env",
+                 "grad_updates_per_step", "eval_freq", "save_freq", "log_freq", "buffer_size", "batch_size",
+                 "max_episode_steps", "actor_update_freq", "num_qs", "target_evals"):
+        if getattr(args, name) < 1:
+            common.fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.target_success is not None and not 0 <= args.target_success <= 1:
+        common.fail(f"--target-success is an eval success rate in [0, 1], got {args.target_success}")
+    if args.num_seed_steps < 0:
+        common.fail(f"--num-seed-steps must be >= 0, got {args.num_seed_steps}")
+    if args.buffer_size < args.num_seed_steps:
+        common.fail(f"--buffer-size {args.buffer_size} is smaller than --num-seed-steps {args.num_seed_steps}: updates "
+                    f"start only once the online buffer holds that many transitions, so they would never start")
+    if not 0 <= args.gamma < 1:
+        common.fail(f"--gamma is a discount in [0, 1), got {args.gamma}")
+    if not 0 < args.tau <= 1:
+        common.fail(f"--tau is the target critics' Polyak rate, in (0, 1], got {args.tau}")
+    if args.learning_rate <= 0 or args.init_temperature <= 0:
+        common.fail(f"--learning-rate and --init-temperature must be > 0, got {args.learning_rate} and "
+                    f"{args.init_temperature}")
+    if not args.hidden_dims or min(args.hidden_dims) < 1:
+        common.fail(f"--hidden-dims takes one width >= 1 per hidden layer (e.g. --hidden-dims 256 256 256), got "
+                    f"{' '.join(map(str, args.hidden_dims)) or 'none'}")
+    if args.capture_video and args.render_size < 1:
+        common.fail(f"--render-size must be >= 1 with videos, got {args.render_size} (or pass --no-capture-video)")
+    if args.batch_size % 2:
+        common.fail("--batch-size must be even (half online, half offline)")
+    if not 1 <= args.num_min_qs <= args.num_qs:
+        common.fail(f"--num-min-qs must be in 1..--num-qs ({args.num_qs}), got {args.num_min_qs}")
+    if args.evaluate and not args.checkpoint:
+        common.fail("--evaluate needs --checkpoint PATH")
+    if args.sim_backend == "gpu":
+        vector_env.check_gpu_simulation()
+    if args.track:
+        bookkeeping.check_wandb()
+    if args.exp_name is None:
+        args.exp_name = f"{args.env_id}__{ALGORITHM}{'_eval' if args.evaluate else ''}__{args.seed}__{int(time.time())}"
+
+
 # ======================================================================================================
 # Networks and the SAC update (JAX / Flax)
 # ======================================================================================================
@@ -237,7 +301,7 @@ def init_sac(args: Args, obs_dim: int, act_dim: int, key):
 
 
 def networks(s: SACState) -> dict:
-    """The learner's weights as a checkpoint stores them (common.NETWORK_FIELDS)."""
+    """The learner's weights as a checkpoint stores them (bookkeeping.NETWORK_FIELDS)."""
     return {"actor_params": s.actor.params, "critic_params": s.critic.params, "target_params": s.target_params,
             "log_alpha": s.temp.params["log_alpha"]}
 
@@ -248,6 +312,22 @@ def with_networks(s: SACState, ckpt: dict) -> SACState:
                      critic=s.critic.replace(params=ckpt["critic_params"]),
                      target_params=jax.tree_util.tree_map(jnp.array, ckpt["target_params"]),
                      temp=s.temp.replace(params={"log_alpha": jnp.asarray(ckpt["log_alpha"])}))
+
+
+def checkpoint_meta(args: Args, obs_dim: int, act_dim: int) -> dict:
+    """What a checkpoint says of itself besides the networks (bookkeeping.save_checkpoint)."""
+    return {"algorithm": ALGORITHM, "script": SCRIPT, "env_id": args.env_id, "obs_mode": args.obs_mode,
+            "control_mode": args.control_mode, "obs_dim": obs_dim, "act_dim": act_dim,
+            "hidden_dims": list(args.hidden_dims), "num_qs": args.num_qs, "args": json.dumps(dataclasses.asdict(args))}
+
+
+def load_actor(ckpt: dict):
+    """A checkpoint's policy with this file's Actor: (deterministic(obs), sample(obs, key)), both jitted. --evaluate,
+    collect_demos.py and benchmarks/frontier.py call it on the script that wrote the checkpoint."""
+    actor = Actor(int(ckpt["act_dim"]), tuple(int(h) for h in ckpt["hidden_dims"]))
+    params = ckpt["actor_params"]
+    return (jax.jit(partial(deterministic_action, actor, params)),
+            jax.jit(lambda obs, key: sample_action(actor, params, obs, key)[0]))
 
 
 def random_subset_min(q, key, num_min_qs: int):
@@ -401,7 +481,28 @@ def demo_buffer(demos, masks) -> ReplayBuffer:
 # ======================================================================================================
 # The training loop
 # ======================================================================================================
-def resume_state(state: SACState, key, rng, online: ReplayBuffer, loop: dict, run: common.RunLog) -> dict:
+@dataclass
+class Episodes:
+    """The running training episode of each env (one entry per env): how it is going."""
+
+    length: np.ndarray
+    ret: np.ndarray
+    once: np.ndarray  # succeeded at some step so far
+
+    @classmethod
+    def empty(cls, n: int) -> Episodes:
+        return cls(*(np.zeros(n, t) for t in (int, float, bool)))
+
+
+def start_episodes(mask, eps: Episodes, envs, rng):
+    """Reset the envs in `mask` to new episodes and return all envs' observations: each from the initial state of a
+    training seed drawn from [10**4, 10**6), disjoint from demo seeds (0..) and eval seeds (10**6..)."""
+    seeds = rng.integers(10_000, 10**6, size=len(mask))
+    eps.length[mask], eps.ret[mask], eps.once[mask] = 0, 0.0, False
+    return envs.reset(mask, seeds)
+
+
+def resume_state(state: SACState, key, rng, online: ReplayBuffer, loop: dict, run: bookkeeping.RunLog) -> dict:
     """What --resume restores: the learner with its optimizer states, the JAX key, the numpy generator (random
     actions, training seeds), the online buffer (filled part), the loop counters and the schedule. The offline
     buffer is rebuilt from the demos. Saved only at save points, after which every env starts a new episode (also
@@ -421,23 +522,37 @@ def restore(saved: dict, state: SACState, rng):
 
 def main(args: Args) -> None:
     warnings.filterwarnings("ignore", module="mani_skill")
-    ckpt, run_dir = common.check_inputs(args, ALGORITHM)  # nothing is built or written before this
-    # --resume: the whole state is read and checked before anything is built or written
-    resumed = common.load_resume_state(run_dir / common.RESUME_FILE, ALGORITHM)[1] if args.resume else None
-    if args.evaluate:
-        actor = Actor(int(ckpt["act_dim"]), tuple(ckpt["hidden_dims"]))
-        common.evaluate_checkpoint(args, ckpt, run_dir, jax.jit(partial(deterministic_action, actor,
-                                                                         ckpt["actor_params"])))
-        return
+    # nothing is built or written before the flags, the --checkpoint and the --resume state are checked
+    check_args(args)
+    ckpt = bookkeeping.load_run_checkpoint(
+        args.checkpoint, args.env_id, args.obs_mode, args.control_mode, SCRIPT,
+        None if args.evaluate else lambda o, a: networks(init_sac(args, o, a, jax.random.PRNGKey(0))[2]),
+    ) if args.checkpoint else None
+    if args.evaluate:  # with the networks of the script that wrote the checkpoint
+        return bookkeeping.evaluate_checkpoint(
+            ckpt, args.checkpoint, bookkeeping.new_run_dir(args.exp_name), lambda: vector_env.make_envs(
+                args.env_id, args.num_eval_envs, args.sim_backend, args.obs_mode, args.control_mode,
+                args.render_size if args.capture_video else None),
+            dataclasses.asdict(args), args.max_episode_steps, args.num_eval_episodes, args.capture_video)
+    run_dir = Path(args.resume) if args.resume else bookkeeping.new_run_dir(args.exp_name)
+    resumed = bookkeeping.load_resume_state(run_dir / bookkeeping.RESUME_FILE, ALGORITHM, SCRIPT,
+                                            args.total_timesteps)[1] if args.resume else None
     rng = np.random.default_rng(args.seed)
     key = jax.random.PRNGKey(args.seed)
 
     # ---- demos, envs, networks, buffers ---------------------------------------------------------------
-    demos, path = common.get_and_load_demos(args, env_states=False)  # observations, actions, success only
-    envs = common.make_envs(args, args.num_envs)
-    eval_envs = common.make_envs(args, args.num_eval_envs, record=args.capture_video)
-    obs_dim, act_dim = common.check_dims(args, envs, demos, path, ckpt)
-    common.make_run_dir(run_dir, args)
+    # observations, actions and success only
+    demos, path = common.get_and_load_demos(args.env_id, args.obs_mode, args.control_mode, args.num_demos,
+                                            args.dataset_path, env_states=False)
+    envs = vector_env.make_envs(args.env_id, args.num_envs, args.sim_backend, args.obs_mode, args.control_mode)
+    eval_envs = vector_env.make_envs(args.env_id, args.num_eval_envs, args.sim_backend, args.obs_mode,
+                                     args.control_mode, args.render_size if args.capture_video else None)
+    obs_dim, act_dim = envs.obs_dim, envs.act_dim
+    common.check_demo_dims(demos, path, obs_dim, act_dim, args.env_id, args.control_mode)
+    if ckpt is not None and (int(ckpt["obs_dim"]), int(ckpt["act_dim"])) != (obs_dim, act_dim):
+        common.fail(f"{args.checkpoint} has obs/act dims {ckpt['obs_dim']}/{ckpt['act_dim']}; {args.env_id} has "
+                    f"{obs_dim}/{act_dim}")
+    bookkeeping.make_run_dir(run_dir, dataclasses.asdict(args), resuming=bool(args.resume))
     print(f"run directory: {run_dir}", flush=True)
     print(f"{demos.num_trajectories} demos from {path} ({int(sum(e.get('success', True) for e in demos.episodes))} "
           f"successful, {len(demos.rewards)} transitions)", flush=True)
@@ -458,24 +573,29 @@ def main(args: Args) -> None:
         state, key, online, loop = restore(resumed, state, rng)
         global_step, grad_updates = loop["global_step"], loop["grad_updates"]
         print(f"resumed at env step {global_step} (online buffer {online.size})", flush=True)
-    writer = common.open_writer(run_dir, args, resume_step=global_step if resumed else None)
-    run, stop = common.RunLog(args, run_dir, writer), common.StopRequest()
+    writer = bookkeeping.open_writer(run_dir, dataclasses.asdict(args), args.wandb_project_name if args.track else None,
+                                     resume_step=global_step if resumed else None)
+    run = bookkeeping.RunLog(run_dir, writer, args.total_timesteps, args.log_freq, args.eval_freq, args.save_freq,
+                             args.max_episode_steps, args.num_eval_episodes, args.capture_video, args.target_success,
+                             args.target_evals)
+    stop = bookkeeping.StopRequest()
     if resumed:
         run.load_state_dict(resumed["run"], global_step)
         del resumed
 
+    def save_checkpoint(name: str) -> None:
+        bookkeeping.save_checkpoint(run_dir / "checkpoints" / name, checkpoint_meta(args, obs_dim, act_dim),
+                                    networks(state), global_step)
+
     n = args.num_envs
-    ep_len, ep_ret, ep_once = np.zeros(n, int), np.zeros(n), np.zeros(n, bool)
-
-    def start_episodes(mask):
-        # training seeds are drawn from [10**4, 10**6): disjoint from demo seeds (0..) and eval seeds (10**6..)
-        seeds = rng.integers(10_000, 10**6, size=n)
-        ep_len[mask], ep_ret[mask], ep_once[mask] = 0, 0.0, False
-        return envs.reset(mask, seeds)
-
-    obs = start_episodes(np.ones(n, bool))
+    eps = Episodes.empty(n)
+    obs = start_episodes(np.ones(n, bool), eps, envs, rng)
     done = False
     while not done:
+        # Every save point (every --save-freq env steps, the end, a stop signal) writes the resume state and then
+        # starts a new episode in every env. A resume state holds no simulator state, so a resumed run starts new
+        # episodes there; the run that goes on does the same, so that both go on identically.
+
         # ---- collect num_envs * steps_per_env transitions: uniform random actions for --num-seed-steps ----------
         with run.timed("simulation"):
             for _ in range(args.steps_per_env):
@@ -485,10 +605,10 @@ def main(args: Args) -> None:
                     key, k = jax.random.split(key)
                     actions = policy_sample(state.actor.params, jnp.asarray(obs), k)[0]
                 next_obs, terminated, success = envs.step(actions)
-                ep_len += 1
-                ep_ret += success
-                ep_once |= success
-                ended = ep_len >= args.max_episode_steps
+                eps.length += 1
+                eps.ret += success
+                eps.once |= success
+                ended = eps.length >= args.max_episode_steps
                 if args.bootstrap_at_done == "truncated":
                     ended |= terminated
                 # next_obs is the true final observation at a time limit: resets come after storing
@@ -498,8 +618,8 @@ def main(args: Args) -> None:
                 global_step += n
                 if ended.any():
                     for j in np.flatnonzero(ended):
-                        run.episode_ended(ep_ret[j], success[j], ep_once[j])
-                    obs = start_episodes(ended)
+                        run.episode_ended(eps.ret[j], success[j], eps.once[j])
+                    obs = start_episodes(ended, eps, envs, rng)
 
         # ---- learn: once the online buffer holds --num-seed-steps transitions -----------------------------
         learning = online.size >= max(args.num_seed_steps, 1)
@@ -513,35 +633,42 @@ def main(args: Args) -> None:
                 # next policy call (simulation). The next env step needs the new actor anyway.
                 jax.block_until_ready(state.actor.params)
 
-        # ---- log, evaluate, save --------------------------------------------------------------------------
-        run.pbar.update(global_step - run.pbar.n)
+        # ---- log, evaluate ---------------------------------------------------------------------------------
+        run.progress(global_step)
         if run.due("log", global_step):
             run.log(global_step, update_metrics(jax.device_get(info)) if learning else {})
         if run.due("eval", global_step):
             run.evaluate(eval_envs, partial(policy_det, state.actor.params), global_step)
+
+        # ---- checkpoints: every --save-freq steps and at a stop signal (step_*.ckpt), at the end (final.ckpt) ---
         stopping = bool(stop)  # a signal stops the run here, at an iteration boundary
         done = stopping or global_step >= args.total_timesteps or run.target_reached
         saving = run.due("save", global_step)
-        names = [f"step_{global_step:08d}.ckpt"] * (saving or stopping) + ["final.ckpt"] * (done and not stopping)
-        for name in names:
-            common.save_checkpoint(run_dir / "checkpoints" / name, ALGORITHM, args, obs_dim, act_dim,
-                                   networks(state), global_step)
+        if saving:
+            run.saved(global_step)
+        if saving or stopping:
+            save_checkpoint(f"step_{global_step:08d}.ckpt")
+        if done and not stopping:
+            save_checkpoint("final.ckpt")
+
         # ---- a save point: every --save-freq steps, at the end, on a stop signal ------------------------------
         if saving or done:
             writer.flush()  # tensorboard holds every step up to here before the state that resumes after it
             loop = {"global_step": global_step, "grad_updates": grad_updates}
-            run.seconds["save"] += common.save_resume_state(run_dir / common.RESUME_FILE, ALGORITHM, args,
-                                                            global_step, 1, resume_state(state, key, rng, online,
-                                                                                         loop, run))
-            if not done:  # as after a resume: every env starts a new episode, so a resumed run repeats this one
-                obs = start_episodes(np.ones(n, bool))
+            with run.timed("save"):
+                bookkeeping.save_resume_state(run_dir / bookkeeping.RESUME_FILE, ALGORITHM, SCRIPT,
+                                              dataclasses.asdict(args), global_step, 1,
+                                              resume_state(state, key, rng, online, loop, run))
+            if not done:  # as after a resume
+                obs = start_episodes(np.ones(n, bool), eps, envs, rng)
     run.finish(global_step, stop if stopping else None, grad_updates=grad_updates)
     envs.close(now=stopping)
     eval_envs.close(now=stopping)
     if stopping:
         sys.exit(stop.exit_code)
 
+
 if __name__ == "__main__":
     # until the loop takes over SIGTERM, a plain `kill` is a normal exit, so the env workers are reaped
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    main(common.parse_args(Args, PRESETS, __doc__, task_defaults=TASK_DEFAULTS, algorithm=ALGORITHM))
+    main(parse_args())

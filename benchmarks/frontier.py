@@ -13,7 +13,8 @@ episodes act. On PickCube a start that fails with is_grasped never true failed t
 is_obj_placed it dropped or never carried the cube; with is_obj_placed it never held still. Prints a markdown table;
 --out also writes it with a json.
 
-An rlpd.py checkpoint is probed the same way, with the run's episode horizon (--max-episode-steps) as the time limit
+The policy is built by the script that wrote the checkpoint (a copy of rfcl.py or rlpd.py with an edited Actor
+included; --script names another). An rlpd.py checkpoint is probed the same way, with the run's episode horizon (--max-episode-steps) as the time limit
 of every start: it shows how far from the goal along the demos an RLPD policy that fails from the env's own initial
 states can still solve the task.
 
@@ -55,7 +56,9 @@ TASK_FLAGS = {"PullCubeTool-v1": _pull_cube_tool_flags}
 @dataclass
 class Args:
     checkpoint: tyro.conf.Positional[str]
-    """an rfcl.py or rlpd.py checkpoint"""
+    """a checkpoint of rfcl.py, rlpd.py or a copy of either"""
+    script: Optional[str] = None
+    """the script whose networks, flags and stage-1 time limit to use (default: the one that wrote the checkpoint)"""
     dataset_path: Optional[str] = None
     """demos to probe (default: the ones the script finds for the checkpoint's env, as in training)"""
     num_demos: Optional[int] = None
@@ -80,28 +83,28 @@ def probe(a: Args) -> dict:
     import jax
     import jax.numpy as jnp
 
+    import bookkeeping
     import common
-    import rfcl
-    import rlpd
+    import vector_env
 
-    ckpt = common.load_checkpoint(a.checkpoint)
-    script = {"rfcl": rfcl, "rlpd": rlpd}[ckpt["algorithm"]]
-    targs = script.Args(**json.loads(ckpt["args"]))
-    limit = targs.max_episode_steps or common.gym.spec(targs.env_id).max_episode_steps
+    ckpt = bookkeeping.load_checkpoint(a.checkpoint)
+    script = bookkeeping.checkpoint_script(ckpt, a.checkpoint, a.script)
+    targs = script.Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(ckpt["args"]).items()})
+    limit = targs.max_episode_steps or vector_env.registered_horizon(targs.env_id)
     demos = path = reverse = None
     if not a.initial_states:
-        targs.num_demos, targs.dataset_path = a.num_demos or targs.num_demos, a.dataset_path or targs.dataset_path
-        demos, path = common.get_and_load_demos(targs, env_states=True)
-        # the time limit of training itself (rfcl.py: stage 1's; rlpd.py: every episode has the task's horizon,
-        # resolved in a checkpoint's args.json), so the probe resets and times out exactly as training
-        reverse = rfcl.ReverseCurriculum(demos.lengths, targs.reverse_step_size, targs.per_demo_buffer_size,
-                                         targs.demo_horizon_to_max_steps_ratio, targs.reverse_solved_frac,
-                                         np.random.default_rng(0)) if script is rfcl else None
-    env = common.CPUWorkerEnv(targs.env_id, common.env_kwargs(targs, 1, "physx_cpu", render=False), 0, demos)
-    actor = script.Actor(int(ckpt["act_dim"]), tuple(ckpt["hidden_dims"]))
-    params = ckpt["actor_params"]
-    det = jax.jit(lambda o: script.deterministic_action(actor, params, o))
-    sample = jax.jit(lambda o, k: script.sample_action(actor, params, o, k)[0])
+        demos, path = common.get_and_load_demos(targs.env_id, targs.obs_mode, targs.control_mode,
+                                                a.num_demos or targs.num_demos, a.dataset_path or targs.dataset_path,
+                                                env_states=True)
+        # the time limit of training itself (an RFCL script: stage 1's; rlpd.py: every episode has the task's
+        # horizon, resolved in a checkpoint's args.json), so the probe resets and times out exactly as training
+        if hasattr(script, "ReverseCurriculum"):
+            reverse = script.ReverseCurriculum(demos.lengths, targs.reverse_step_size, targs.per_demo_buffer_size,
+                                               targs.demo_horizon_to_max_steps_ratio, targs.reverse_solved_frac,
+                                               np.random.default_rng(0))
+    env = vector_env.CPUWorkerEnv(targs.env_id, vector_env.env_kwargs(targs.obs_mode, targs.control_mode, 1,
+                                                                      "physx_cpu"))
+    det, sample = script.load_actor(ckpt)
     key = jax.random.PRNGKey(a.seed)
     stage_flags = TASK_FLAGS.get(targs.env_id, lambda u: {})
     first_row = np.concatenate([[0], np.cumsum(demos.lengths)[:-1]]) if demos else None  # of each demo's rows
@@ -112,7 +115,9 @@ def probe(a: Args) -> dict:
             obs, _ = env.reset(seed=t)
             horizon = limit
         else:
-            obs, _ = env.reset(options={"demo_starts": [(i, t)]})
+            # as RFCL's stage 1 starts an episode: the demo's scene from its seed, then its state at step t
+            obs, _ = env.reset(seed=demos.episodes[i]["episode_seed"], options={"states": [(
+                jax.tree_util.tree_map(lambda x: x[t], demos.env_states[i]), demos.traj_obs[i][t])]})
             horizon = int(reverse.horizon(i, t)) if reverse else limit
         r = dict(once=False, at_end=False, first=None)
         flags = {}  # the task's boolean evaluate() (or TASK_FLAGS) flags: ever true in this episode

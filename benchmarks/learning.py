@@ -17,7 +17,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -29,8 +29,9 @@ ONCE = "eval/success_once"  # ManiSkill's learning-from-demos baselines report t
 
 @dataclass
 class Args:
-    algo: Literal["rfcl", "rlpd"] = "rfcl"
-    """script to run for the seeds that have no run yet"""
+    algo: str = "rfcl"
+    """script to run for the seeds that have no run yet: rfcl, rlpd, or a copy of either beside them (its file name
+    without .py)"""
     env_id: str = "PickCube-v1"
     num_demos: int = 5
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
@@ -204,6 +205,8 @@ def main(args: Args) -> None:
                                                       for label, curves in groups.items()}, indent=1))
         print(f"wrote {out / name}.png/.json" + ("/.md" if args.tag == TAG else ""))
         return
+    if not (ROOT / f"{args.algo}.py").is_file():
+        raise SystemExit(f"error: --algo {args.algo}: no {args.algo}.py beside rfcl.py; pass rfcl, rlpd or a copy's name")
     label = args.label or args.algo
     name = args.name or f"{args.algo}_{args.env_id}"
     run_dirs = [Path(r) for r in args.runs]

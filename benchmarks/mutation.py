@@ -1,10 +1,10 @@
-"""How strong is the test suite? Break rfcl.py on purpose (a fixed list of plausible mistakes in the curricula,
-the SAC update and the training loop) and count the mistakes that no test catches.
+"""How strong is the test suite? Break rfcl.py or rlpd.py on purpose (a fixed list of plausible mistakes in the
+curricula, the SAC update, the training loop and the data it stores) and count the mistakes that no test catches.
 
     python benchmarks/mutation.py                                  # this checkout
     python benchmarks/mutation.py --repo /path/to/older/checkout   # the same mistakes, an older suite
 
-Each mutant is one text substitution in rfcl.py (the first of its alternatives that the file contains, so the same
+Each mutant is one text substitution in rfcl.py or rlpd.py (the first of its alternatives that the file contains, so the same
 mistake can be planted in older versions of the code), run against a copy of the repository with `pytest -x` on
 the test files of its group; it is "caught" when pytest fails. A hand-picked list, not a mutation tool's
 exhaustive one: mutmut's thousands of mutants times a minute of tests each do not fit a 2-core machine.
@@ -27,7 +27,7 @@ import tyro
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# (name, group, [(old, new), ...]): alternatives for different versions of rfcl.py
+# (name, group, [(old, new), ...][, file]): alternatives for different versions of the file (default rfcl.py)
 MUTANTS = [
     ("frontier moves before the window is full", "unit",
      [("if len(win) == self.window and all(win):", "if all(win):")]),
@@ -97,6 +97,27 @@ MUTANTS = [
     ("stage-2 seeding with uniform actions", "loop",
      [("if stage == 1 and global_step < args.num_seed_steps:", "if online.size < args.num_seed_steps:")]),
 ]
+# what each online and offline row holds, in both scripts
+for _script in ("rfcl.py", "rlpd.py"):
+    MUTANTS += [
+        (f"{_script}: online obs is the next observation", "data",
+         [('online.add({"obs": obs, "actions": actions,', 'online.add({"obs": next_obs, "actions": actions,')], _script),
+        (f"{_script}: online actions are not the ones sent", "data",
+         [('"actions": actions, "rewards": success', '"actions": np.clip(actions, -0.5, 0.5), "rewards": success')],
+         _script),
+        (f"{_script}: online reward is success so far", "data",
+         [('"rewards": success.astype(np.float32),', '"rewards": eps.once.astype(np.float32),')], _script),
+        (f"{_script}: online next_obs is the observation before", "data",
+         [('"next_obs": next_obs, "masks"', '"next_obs": obs, "masks"')], _script),
+        (f"{_script}: online mask ignores terminations", "data",
+         [('"masks": bootstrap_masks(terminated, args.bootstrap_at_done)})', '"masks": np.ones(n, np.float32)})')],
+         _script),
+        (f"{_script}: demo masks ignore --bootstrap-at-done", "data",
+         [("demo_buffer(demos, bootstrap_masks(demos.terminated, args.bootstrap_at_done))",
+           'demo_buffer(demos, bootstrap_masks(demos.terminated, "always"))')], _script),
+    ]
+MUTANTS.append(("rfcl.py: demo actions scaled but not clipped", "data",
+                [("np.clip(demos.actions * args.demo_action_scale, -1.0, 1.0)", "(demos.actions * args.demo_action_scale)")]))
 
 
 @dataclass
@@ -109,18 +130,20 @@ class Args:
     loop_tests: list[str] = field(default_factory=lambda: ["tests/test_loop_seams.py",
                                                            "tests/test_rfcl_integration.py"])
     """test files run against the training-loop mutants (missing ones are skipped)"""
+    data_tests: list[str] = field(default_factory=lambda: ["tests/test_data_path.py"])
+    """test files run against the mutants of what the buffers store (missing ones are skipped)"""
     only: list[str] = field(default_factory=list)
     """run only mutants whose name contains one of these"""
     timeout: int = 900
     out: Optional[str] = None
 
 
-def run_mutant(repo: Path, old: str, new: str, tests: list[str], timeout: int) -> tuple[bool, float]:
-    """(caught, seconds): pytest -x on `tests` in a copy of `repo` whose rfcl.py has `old` replaced by `new`."""
+def run_mutant(repo: Path, file: str, old: str, new: str, tests: list[str], timeout: int) -> tuple[bool, float]:
+    """(caught, seconds): pytest -x on `tests` in a copy of `repo` whose `file` has `old` replaced by `new`."""
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "repo"
         shutil.copytree(repo, copy, ignore=shutil.ignore_patterns(".git", ".venv", "runs", "__pycache__", "*.png"))
-        path = copy / "rfcl.py"
+        path = copy / file
         path.write_text(path.read_text().replace(old, new, 1))
         t0 = time.time()
         try:
@@ -133,23 +156,25 @@ def run_mutant(repo: Path, old: str, new: str, tests: list[str], timeout: int) -
 
 def main(a: Args) -> list[dict]:
     repo = Path(a.repo or ROOT).resolve()
-    source = (repo / "rfcl.py").read_text()
     rows = []
-    for name, group, alternatives in MUTANTS:
+    for name, group, alternatives, *file in MUTANTS:
         if a.only and not any(o in name for o in a.only):
             continue
-        tests = [t for t in (a.unit_tests if group == "unit" else a.loop_tests) if (repo / t).exists()]
+        file = file[0] if file else "rfcl.py"
+        source = (repo / file).read_text()
+        tests = [t for t in {"unit": a.unit_tests, "loop": a.loop_tests, "data": a.data_tests}[group]
+                 if (repo / t).exists()]
         hit = next(((o, n) for o, n in alternatives if o in source), None)
-        if hit is None:
+        if hit is None or not tests:
             rows.append({"mutant": name, "group": group, "result": "not applicable"})
         else:
-            caught, secs = run_mutant(repo, *hit, tests, a.timeout)
+            caught, secs = run_mutant(repo, file, *hit, tests, a.timeout)
             rows.append({"mutant": name, "group": group, "result": "caught" if caught else "SURVIVED",
                          "seconds": round(secs)})
         print(f"{rows[-1]['result']:14s} {name}", file=sys.stderr, flush=True)
     applied = [r for r in rows if r["result"] != "not applicable"]
     survived = [r["mutant"] for r in applied if r["result"] == "SURVIVED"]
-    md = [f"Mutants of `{repo.name}/rfcl.py`: {len(applied)} applied, {len(applied) - len(survived)} caught, "
+    md = [f"Mutants of `{repo.name}`: {len(applied)} applied, {len(applied) - len(survived)} caught, "
           f"{len(survived)} survived", "", "| mutant | group | result |", "| --- | --- | --- |"]
     md += [f"| {r['mutant']} | {r['group']} | {r['result']} |" for r in rows]
     print("\n".join(md))

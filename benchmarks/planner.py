@@ -4,7 +4,7 @@ lengths, and how many planner demos survive conversion to the training controlle
     python benchmarks/planner.py                                   # the eight tasks below, 100 demos each
     python benchmarks/planner.py --env-ids PushCube-v1 --num-demos 20
 
-Each task's demos are generated with common.generate_demos, exactly what rfcl.py / rlpd.py do when no demos are
+Each task's demos are generated with demo_making.generate_demos, exactly what rfcl.py / rlpd.py do when no demos are
 cached, into ManiSkill's demo folder (so later runs use them). Writes <out>/planner.{json,md}; a task's row is
 merged into an existing file, so tasks can be run one at a time.
 """
@@ -23,7 +23,9 @@ import tyro
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import bookkeeping  # noqa: E402
 import common  # noqa: E402
+import demo_making  # noqa: E402
 
 TASKS = ["PushCube-v1", "PullCube-v1", "StackCube-v1", "LiftPegUpright-v1", "PullCubeTool-v1", "PlaceSphere-v1",
          "PegInsertionSide-v1", "PlugCharger-v1"]
@@ -64,7 +66,7 @@ def main(args: Args) -> None:
     for env_id in args.env_ids:
         t0 = time.time()
         try:
-            h5 = common.generate_demos(env_id, args.obs_mode, args.control_mode, args.num_demos)
+            h5 = demo_making.generate_demos(env_id, args.obs_mode, args.control_mode, args.num_demos)
             stats = json.loads(h5.with_name(h5.name.split(".")[0] + ".planner.json").read_text())
             stats["converted"] = len(json.loads(h5.with_suffix(".json").read_text())["episodes"])
             stats["file"] = str(h5)
@@ -75,11 +77,11 @@ def main(args: Args) -> None:
                      "error": str(e)}
         stats["wall_s"], stats["asked"] = time.time() - t0, args.num_demos
         rows[env_id] = stats
-        common.write_json(path, rows)
+        bookkeeping.write_json(path, rows)
         md = (f"# ManiSkill motion planners as demo sources\n\n`python benchmarks/planner.py` on a "
               f"{os.cpu_count()}-core CPU ({args.control_mode}, {args.obs_mode}); the planner makes 10% more demos than "
               f"asked (at least 2 more); seconds include failed attempts.\n\n{table(rows)}\n")
-        common.write_atomic(out / "planner.md", md.encode())
+        bookkeeping.write_atomic(out / "planner.md", md.encode())
         print(table({env_id: stats}), flush=True)
 
 

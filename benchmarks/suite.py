@@ -6,7 +6,7 @@ panel per task and write one table.
     python benchmarks/suite.py ... --executor slurm --slurm-partition gpu --slurm-time-min 240
     python benchmarks/suite.py ... --executor none          # only the figure and table, from the runs there are
 
-A config is ALGO:NUM_DEMOS. Each run lives in runs/<prefix>_<algo>_<env>_d<demos>_s<seed>/. A run that finished
+A config is ALGO:NUM_DEMOS, ALGO the name of a script beside rfcl.py (rfcl, rlpd, or your copy of either). Each run lives in runs/<prefix>_<algo>_<env>_d<demos>_s<seed>/. A run that finished
 (its budget spent or its --target-success reached) is reused, never rerun; one with a resume state continues with
 --resume; any other starts fresh.
 Executors:
@@ -45,7 +45,7 @@ import learning  # noqa: E402
 @dataclass
 class Args:
     configs: list[str] = field(default_factory=lambda: ["rfcl:5", "rlpd:100"])
-    """ALGO:NUM_DEMOS per config (rfcl or rlpd)"""
+    """ALGO:NUM_DEMOS per config (ALGO: rfcl, rlpd or a copy of either, the script's file name without .py)"""
     env_ids: list[str] = field(default_factory=lambda: ["PickCube-v1"])
     seeds: list[int] = field(default_factory=lambda: [1])
     total_timesteps: int = 1_000_000
@@ -150,8 +150,9 @@ def grid(a: Args) -> list[RunSpec]:
     specs = []
     for c in a.configs:
         algo, _, n = c.partition(":")
-        if algo not in ("rfcl", "rlpd") or not n.isdigit():
-            raise SystemExit(f"error: --configs takes ALGO:NUM_DEMOS (rfcl or rlpd), got {c!r}")
+        if not (ROOT / f"{algo}.py").is_file() or not n.isdigit():
+            raise SystemExit(f"error: --configs takes ALGO:NUM_DEMOS, ALGO a script beside rfcl.py without its .py "
+                             f"(rfcl, rlpd, or a copy of either), got {c!r}")
         for env in a.env_ids:
             for seed in a.seeds:
                 specs.append(RunSpec(algo, env, int(n), seed, budgets.get(env, a.total_timesteps), list(extra)))

@@ -15,6 +15,9 @@ compiles). Prints a markdown table and writes <out>/throughput_<machine>.{json,m
             rebuilds the generators of all envs at each seeded reset call (timed here: BatchedRNG.from_seeds);
             one call per env (the old GPUEnvs) against GPUEnvs' batched resets (no seeded call for seeds with a
             fixed initial state, one for the others). Runs without a GPU.
+- rebuilds: one seeded reset of a CPU env of --env-id in this process (as in an env worker: torch, JAX and ManiSkill
+            loaded), built by plain gym.make and by vector_env.make_env, which freezes the heap so that the gc pass
+            ManiSkill makes at every scene rebuild skips it (PegInsertionSide rebuilds its scene at every reset).
 - loop:     a real rfcl.py / rlpd.py run (fast / walltime preset) in a temporary directory; env steps/s and
             the split of its wall-clock between simulation, jitted updates, eval and everything else, measured
             between two log points after warm-up (compilation and random seed steps excluded).
@@ -38,7 +41,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-Part = Literal["updates", "ensemble", "envs", "loop", "resets"]
+Part = Literal["updates", "ensemble", "envs", "loop", "resets", "rebuilds"]
 
 
 @dataclass
@@ -159,9 +162,9 @@ def bench_ensemble(a: Args, obs_dim: int, act_dim: int) -> list[dict]:
 
 # ---- environments ---------------------------------------------------------------------------------------
 def env_steps_per_s(args, num_envs: int, steps: int, reset_every: int = 50) -> float:
-    import common
+    import vector_env
 
-    envs = common.make_envs(args, num_envs)
+    envs = vector_env.make_envs(args.env_id, num_envs, args.sim_backend, args.obs_mode, args.control_mode)
     try:
         rng = np.random.default_rng(0)
         all_envs = np.ones(num_envs, bool)
@@ -259,6 +262,29 @@ def bench_resets(a: Args) -> list[dict]:
     return rows
 
 
+def bench_rebuilds(a: Args) -> list[dict]:
+    import gc
+
+    import gymnasium as gym
+
+    import vector_env
+
+    kwargs = vector_env.env_kwargs("state", "pd_joint_delta_pos", 1, "physx_cpu")
+    rows = []
+    for how, make in (("gym.make", lambda: gym.make(a.env_id, **kwargs)),
+                      ("vector_env.make_env", lambda: vector_env.make_env(a.env_id, **kwargs))):
+        env = make()
+        seeds = iter(range(10**6))
+        s = timed(lambda: env.reset(seed=next(seeds)), a.repeats, a.warmup)
+        rows.append({"how": how, "ms_per_reset": 1000 * s, "frozen_objects": gc.get_freeze_count(),
+                     "tracked_objects": len(gc.get_objects())})
+        env.close()
+        print(f"rebuilds {a.env_id} {how:20s} {1000 * s:7.1f} ms per seeded reset "
+              f"({gc.get_freeze_count()} objects frozen, {len(gc.get_objects())} tracked)", flush=True)
+    gc.unfreeze()
+    return rows
+
+
 # ---- report ---------------------------------------------------------------------------------------------
 def markdown(result: dict) -> str:
     m = result["machine"]
@@ -280,6 +306,11 @@ def markdown(result: dict) -> str:
                   "|-|-|-|-|"]
         lines += [f"| {r['num_envs']} | {r['round_one_call_per_env_s']:.2f} s | 0 generator rebuilds | "
                   f"{r['round_batched_other_seeds_s'] * 1000:.1f} ms |" for r in result["resets"]] + [""]
+    if "rebuilds" in result:
+        lines += [f"One seeded reset of a {result['env_id']} CPU env in one process:", "",
+                  "| env built by | ms per reset | objects frozen | objects gc tracks |", "|-|-|-|-|"]
+        lines += [f"| {r['how']} | {r['ms_per_reset']:.1f} | {r['frozen_objects']:,} | {r['tracked_objects']:,} |"
+                  for r in result["rebuilds"]] + [""]
     if "loop" in result:
         lines += ["| script (default preset) | env steps/s | simulation | updates | eval | other |", "|-|-|-|-|-|-|"]
         lines += [f"| {r['algo']} | {r['env_steps_per_s']:.1f} | {r['simulation_frac']:.0%} | {r['update_frac']:.0%} "
@@ -306,6 +337,8 @@ def main(a: Args) -> dict:
         result["loop"] = bench_loop(a)
     if "resets" in a.parts:
         result["resets"] = bench_resets(a)
+    if "rebuilds" in a.parts:
+        result["rebuilds"] = bench_rebuilds(a)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = a.name or "throughput_" + ("gpu" if result["machine"]["gpu"] else "cpu")

@@ -98,11 +98,11 @@ class FakeBatchedEnv:
 
 
 def fake_gpu_envs(n):
-    """common.GPUEnvs around a FakeBatchedEnv, built without CUDA: (envs, fake)."""
-    import common
+    """vector_env.GPUEnvs around a FakeBatchedEnv, built without CUDA: (envs, fake)."""
+    import vector_env
 
     fake = FakeBatchedEnv(n)
-    g = common.GPUEnvs.__new__(common.GPUEnvs)
+    g = vector_env.GPUEnvs.__new__(vector_env.GPUEnvs)
     g.env = g.base = fake
     g.num_envs, g.device, g.seeds, g.obs, g.table = n, "cpu", np.zeros(n, np.int64), None, {}
     return g, fake

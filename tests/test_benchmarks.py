@@ -132,6 +132,7 @@ def test_frontier_probe_replaying_a_demo_succeeds_exactly_where_the_demo_does(de
     succeed after s* - t + 1 steps (s* = the demo's first successful step), when the time limit allows it."""
     import jax
 
+    import bookkeeping
     import common
     import frontier
     import rfcl
@@ -139,7 +140,7 @@ def test_frontier_probe_replaying_a_demo_succeeds_exactly_where_the_demo_does(de
     args = rfcl.Args(num_demos=1)
     _, _, state = rfcl.init_sac(args, 42, 8, jax.random.PRNGKey(0))
     ckpt = tmp_path / "fresh.ckpt"
-    common.save_checkpoint(ckpt, "rfcl", args, 42, 8, rfcl.networks(state), 0)
+    bookkeeping.save_checkpoint(ckpt, rfcl.checkpoint_meta(args, 42, 8), rfcl.networks(state), 0)
     out = frontier.main(frontier.Args(str(ckpt), dataset_path=str(demo_path), every=3, demo_actions=True,
                                       out=str(tmp_path / "probe")))
     demos = common.load_demos(demo_path, 1)
@@ -160,6 +161,7 @@ def test_frontier_probe_gives_an_rlpd_checkpoint_the_runs_episode_horizon(demo_p
     the demo's own actions from t succeed exactly when the s* - t + 1 steps they need fit in it."""
     import jax
 
+    import bookkeeping
     import common
     import frontier
     import rlpd
@@ -167,7 +169,7 @@ def test_frontier_probe_gives_an_rlpd_checkpoint_the_runs_episode_horizon(demo_p
     args = rlpd.Args(num_demos=1, max_episode_steps=7)
     _, _, state = rlpd.init_sac(args, 42, 8, jax.random.PRNGKey(0))
     ckpt = tmp_path / "fresh.ckpt"
-    common.save_checkpoint(ckpt, "rlpd", args, 42, 8, rlpd.networks(state), 0)
+    bookkeeping.save_checkpoint(ckpt, rlpd.checkpoint_meta(args, 42, 8), rlpd.networks(state), 0)
     out = frontier.main(frontier.Args(str(ckpt), dataset_path=str(demo_path), every=2, demo_actions=True))
     demos = common.load_demos(demo_path, 1)
     s_star = int(np.flatnonzero(demos.rewards[: demos.lengths[0]])[0])
@@ -185,14 +187,14 @@ def test_frontier_probe_of_initial_states_uses_eval_seeds_and_horizon_without_de
     needs demo states, is refused with one line."""
     import jax
 
-    import common
+    import bookkeeping
     import frontier
     import rlpd
 
     args = rlpd.Args(num_demos=1, max_episode_steps=4, dataset_path=str(tmp_path / "gone.h5"))
     _, _, state = rlpd.init_sac(args, 42, 8, jax.random.PRNGKey(0))
     ckpt = tmp_path / "fresh.ckpt"
-    common.save_checkpoint(ckpt, "rlpd", args, 42, 8, rlpd.networks(state), 0)
+    bookkeeping.save_checkpoint(ckpt, rlpd.checkpoint_meta(args, 42, 8), rlpd.networks(state), 0)
     out = frontier.main(frontier.Args(str(ckpt), initial_states=3, stochastic=1, out=str(tmp_path / "init")))
     assert [r["seed"] for r in out["rows"]] == [10**6, 10**6 + 1, 10**6 + 2]
     assert all(r["horizon"] == 4 for r in out["rows"]) and out["dataset"] is None
@@ -213,6 +215,7 @@ def test_frontier_probe_reports_pull_cube_tools_stages(asset_dir, tmp_path):
     policy does neither in 4 steps from an eval seed's initial state."""
     import jax
 
+    import bookkeeping
     import common
     import frontier
     import rlpd
@@ -223,11 +226,11 @@ def test_frontier_probe_reports_pull_cube_tools_stages(asset_dir, tmp_path):
     dims = (demos.obs.shape[1], demos.actions.shape[1])
     _, _, state = rlpd.init_sac(args, *dims, jax.random.PRNGKey(0))
     ckpt = tmp_path / "fresh.ckpt"
-    common.save_checkpoint(ckpt, "rlpd", args, *dims, rlpd.networks(state), 0)
+    bookkeeping.save_checkpoint(ckpt, rlpd.checkpoint_meta(args, *dims), rlpd.networks(state), 0)
     (row,) = frontier.main(frontier.Args(str(ckpt), every=10_000, demo_actions=True))["rows"]
     assert row["once"] and row["flags"] == {"is_tool_grasped": True, "is_tool_behind_cube": True}, row
     args.max_episode_steps = 4
-    common.save_checkpoint(ckpt, "rlpd", args, *dims, rlpd.networks(state), 0)
+    bookkeeping.save_checkpoint(ckpt, rlpd.checkpoint_meta(args, *dims), rlpd.networks(state), 0)
     out = frontier.main(frontier.Args(str(ckpt), initial_states=1, out=str(tmp_path / "pct")))
     assert out["rows"][0]["flags"] == {"is_tool_grasped": False, "is_tool_behind_cube": False}
     assert "is_tool_behind_cube" in (tmp_path / "pct.md").read_text()

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+import bookkeeping
 import common
 import rfcl
 from conftest import ROOT, error_line, run_script
@@ -21,7 +22,7 @@ def checkpoint(tmp_path_factory):
     args = rfcl.Args(max_episode_steps=12)
     _, _, state = rfcl.init_sac(args, 42, 8, jax.random.PRNGKey(0))
     path = d / "fresh.ckpt"
-    common.save_checkpoint(path, "rfcl", args, 42, 8, rfcl.networks(state), 0)
+    bookkeeping.save_checkpoint(path, rfcl.checkpoint_meta(args, 42, 8), rfcl.networks(state), 0)
     return path
 
 
@@ -93,10 +94,11 @@ def test_bad_checkpoints_and_a_too_weak_policy_give_one_line_errors(checkpoint, 
     bad.write_bytes(b"not a checkpoint")
     ckpt = serialization.msgpack_restore(checkpoint.read_bytes())
     other = tmp_path / "other.ckpt"
-    other.write_bytes(serialization.msgpack_serialize(dict(ckpt, algorithm="ppo")))
+    other.write_bytes(serialization.msgpack_serialize(dict(ckpt, algorithm="ppo", script="/elsewhere/ppo.py")))
     cases = [([str(tmp_path / "missing.ckpt")], "error: checkpoint"),
-             ([str(bad)], f"error: {bad} is not a readable rfcl/rlpd checkpoint"),
-             ([str(other)], f"error: {other} is a checkpoint of unknown algorithm 'ppo'")]
+             ([str(bad)], f"error: {bad} is not a readable checkpoint of these scripts"),
+             ([str(other)], f"error: {other} was written by /elsewhere/ppo.py, which is not here (nor {ROOT / 'ppo.py'}); "
+                            f"pass --script PATH to that script or a copy of it")]
     import collect_demos
 
     for extra, start in cases:  # in this process: these fail before any simulator starts

@@ -1,4 +1,5 @@
-"""common.py on real ManiSkill: offline demo generation, loading, validation errors, set-up script."""
+"""common.py, demo_making.py and vector_env.py on real ManiSkill: offline demo generation, loading, validation
+errors, set-up script, env processes."""
 
 import json
 import os
@@ -13,7 +14,10 @@ import h5py
 import numpy as np
 import pytest
 
+import bookkeeping
 import common
+import demo_making
+import vector_env
 from conftest import CONTROL_MODE, ENV_ID, OBS_MODE, PICKCUBE_ACT_DIM, PICKCUBE_OBS_DIM, ROOT
 
 IS_GRASPED = 18  # PickCube state obs: agent qpos(9) qvel(9) | is_grasped | tcp pose | goal | obj pose ...
@@ -126,7 +130,7 @@ def test_bad_inputs_give_one_line_errors(demo_path, tmp_path):
 
 
 def test_no_planner_and_no_file_says_how_to_provide_one(asset_dir):
-    msg = _one_line_error(lambda: common.generate_demos("TurnFaucet-v1", OBS_MODE, CONTROL_MODE, 1),
+    msg = _one_line_error(lambda: demo_making.generate_demos("TurnFaucet-v1", OBS_MODE, CONTROL_MODE, 1),
                           "TurnFaucet-v1", "--dataset-path")
     assert "motion planner" in msg
 
@@ -179,10 +183,10 @@ def test_gpu_simulation_set_up_traps_are_one_line_errors(monkeypatch):
     monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", "x")  # restored after the test
     monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE")
     with pytest.raises(SystemExit, match="^error: GPU simulation needs CUDA; use --sim-backend cpu$"):
-        common.check_gpu_simulation()
+        vector_env.check_gpu_simulation()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(SystemExit, match=r"needs a CUDA build of jax \(pip install"):
-        common.check_gpu_simulation()
+        vector_env.check_gpu_simulation()
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
 
     def no_download():
@@ -190,12 +194,12 @@ def test_gpu_simulation_set_up_traps_are_one_line_errors(monkeypatch):
 
     monkeypatch.setattr(sapien.physx, "enable_gpu", no_download)
     with pytest.raises(SystemExit) as e:
-        common.check_gpu_simulation()
+        vector_env.check_gpu_simulation()
     msg = str(e.value)
     assert msg.count("\n") == 0 and "(ConnectionError)" in msg and "libPhysXGpu_64.so" in msg
     assert str(Path.home() / ".sapien" / "physx" / sapien.physx.version()) in msg
     monkeypatch.setattr(sapien.physx, "enable_gpu", lambda: None)
-    common.check_gpu_simulation()  # all there: no error
+    vector_env.check_gpu_simulation()  # all there: no error
     assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false", "JAX must not take 75% of the GPU"
 
 
@@ -203,8 +207,6 @@ def test_track_starts_wandb_before_the_tensorboard_writer(tmp_path, monkeypatch)
     """W&B's TensorBoard sync patches the writer when wandb.init runs: a writer made first sends W&B nothing."""
     import sys
     import types
-
-    import rfcl
 
     order = []
     fake = types.ModuleType("wandb")
@@ -218,8 +220,8 @@ def test_track_starts_wandb_before_the_tensorboard_writer(tmp_path, monkeypatch)
         def add_text(self, *a):
             pass
 
-    monkeypatch.setattr(common, "SummaryWriter", Writer)
-    common.open_writer(tmp_path, rfcl.Args(track=True, exp_name="x"))
+    monkeypatch.setattr(bookkeeping, "SummaryWriter", Writer)
+    bookkeeping.open_writer(tmp_path, {"exp_name": "x"}, "rfcl-jax")
     assert order == [("wandb.init", True), ("SummaryWriter", str(tmp_path))]
 
 
@@ -229,10 +231,29 @@ def gone(pids) -> bool:
 
 def test_an_error_in_the_main_process_ends_it_and_its_env_workers():
     """The env workers ignore SIGTERM (a stop signal is the main process's to handle), which multiprocessing's exit
-    handler sends them before joining them: without common's own exit handler these processes would never end."""
-    code = ("import sys, common, rfcl; envs = common.CPUEnvs(rfcl.Args(), 2); "
+    handler sends them before joining them: without vector_env's own exit handler these processes would never end."""
+    code = ("import vector_env; envs = vector_env.CPUEnvs('PickCube-v1', 2, 'state', 'pd_joint_delta_pos'); "
             "print([p.pid for p in envs.envs.processes], flush=True); raise RuntimeError('boom')")
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=180, capture_output=True, text=True)
     assert p.returncode == 1 and "RuntimeError: boom" in p.stderr
     time.sleep(1)
     assert gone(json.loads(p.stdout.strip().splitlines()[-1]))
+
+
+def test_a_cpu_env_process_takes_its_heap_out_of_the_scene_rebuilds_gc_pass():
+    """PegInsertionSide rebuilds its scene at every reset, and ManiSkill then runs a full gc pass: an env made by
+    vector_env.make_env has frozen its heap (the imported modules, the first scene) out of that pass, and a seed still
+    gives the same initial observation after a rebuild."""
+    import gc
+
+    assert vector_env.scene_per_episode("PegInsertionSide-v1") and not vector_env.scene_per_episode(ENV_ID)
+    gc.unfreeze()  # an env made earlier in this process froze the heap already
+    env = vector_env.make_env("PegInsertionSide-v1", **vector_env.env_kwargs(OBS_MODE, CONTROL_MODE, 1, "physx_cpu"))
+    try:
+        assert gc.get_freeze_count() > 100_000
+        first = env.reset(seed=5)[0].cpu().numpy()
+        env.reset(seed=6)
+        np.testing.assert_array_equal(env.reset(seed=5)[0].cpu().numpy(), first)
+    finally:
+        env.close()
+        gc.unfreeze()

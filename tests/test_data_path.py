@@ -8,9 +8,10 @@ import h5py
 import numpy as np
 import pytest
 
-import common
+import bookkeeping
 import rfcl
 import rlpd
+import vector_env
 
 ENVS, PER_ENV, SCALE = 2, 3, 1.7
 FIELDS = ("obs", "actions", "rewards", "next_obs", "masks")
@@ -54,7 +55,7 @@ class TransitionSpy:
 def spied_run(script, tmp_path, monkeypatch, *flags) -> tuple[TransitionSpy, dict, dict]:
     """script.main in this process with a TransitionSpy on its training env (the first one it makes); returns the
     spy, the resume state's payload and the run's args."""
-    spies, make_envs = [], common.make_envs
+    spies, make_envs = [], vector_env.make_envs
 
     def spying_make_envs(*a, **k):
         envs = make_envs(*a, **k)
@@ -63,9 +64,9 @@ def spied_run(script, tmp_path, monkeypatch, *flags) -> tuple[TransitionSpy, dic
         spies.append(TransitionSpy(envs))
         return spies[0]
 
-    monkeypatch.setattr(common, "make_envs", spying_make_envs)
+    monkeypatch.setattr(vector_env, "make_envs", spying_make_envs)
     monkeypatch.chdir(tmp_path)
-    args = common.parse_args(script.Args, script.PRESETS, "", [
+    args = script.parse_args([
         "--exp-name", "data", "--num-demos", "2", "--num-envs", str(ENVS), "--steps-per-env", str(PER_ENV),
         "--num-seed-steps", "12", "--grad-updates-per-step", "1", "--batch-size", "8", "--buffer-size", "5000",
         "--num-eval-envs", "1", "--num-eval-episodes", "1", "--eval-freq", "100000", "--log-freq", "60",
@@ -73,7 +74,8 @@ def spied_run(script, tmp_path, monkeypatch, *flags) -> tuple[TransitionSpy, dic
         "32", *flags])
     script.main(args)
     monkeypatch.undo()
-    _, payload = common.load_resume_state(tmp_path / "runs" / "data" / common.RESUME_FILE, script.ALGORITHM)
+    _, payload = bookkeeping.load_resume_state(tmp_path / "runs" / "data" / bookkeeping.RESUME_FILE,
+                                              script.ALGORITHM)
     return spies[0], payload, json.loads((tmp_path / "runs" / "data" / "args.json").read_text())
 
 

@@ -7,26 +7,27 @@ import json
 import numpy as np
 import pytest
 
+import bookkeeping
 import collect_demos
 import common
 import rfcl
 import rlpd
+import vector_env
 
 
 @pytest.fixture
 def gpu_on_cpu_physics(monkeypatch):
-    monkeypatch.setattr(common, "GPU_PHYSX", "physx_cpu")
-    monkeypatch.setattr(common, "check_gpu_simulation", lambda: None)  # it asks for CUDA, jax on GPU and PhysX GPU
+    monkeypatch.setattr(vector_env, "GPU_PHYSX", "physx_cpu")
+    monkeypatch.setattr(vector_env, "check_gpu_simulation", lambda: None)  # it asks for CUDA, jax on GPU and PhysX GPU
 
 
 def test_gpu_envs_reset_to_demo_states_and_seeds_repeat(gpu_on_cpu_physics, demo_path):
     demos = common.load_demos(demo_path, 2)
-    args = common.parse_args(rfcl.Args, rfcl.PRESETS, "", ["--sim-backend", "gpu", "--num-envs", "1"])
-    envs = common.make_envs(args, 1, demos=demos)
+    envs = vector_env.make_envs("PickCube-v1", 1, "gpu", "state", "pd_joint_delta_pos")
     try:
-        assert isinstance(envs, common.GPUEnvs)
+        assert isinstance(envs, vector_env.GPUEnvs)
         for i, t in ((0, 0), (1, 10), (0, len(demos.traj_obs[0]) - 2)):
-            obs = envs.reset(np.ones(1, bool), np.zeros(1, np.int64), [(i, t)])
+            obs = envs.reset(np.ones(1, bool), np.array([demos.episodes[i]["episode_seed"]]), [rfcl.demo_state(demos, i, t)])
             np.testing.assert_array_equal(np.asarray(obs)[0], demos.traj_obs[i][t])
             k = int(np.flatnonzero(demos.traj_end)[i - 1] + 1 if i else 0) + t
             nxt, _, _ = envs.step(demos.actions[k:k + 1])
@@ -48,19 +49,18 @@ def test_rfcl_rlpd_evaluate_and_collect_demos_run_the_gpu_path(gpu_on_cpu_physic
              "--log-freq", "8", "--grad-updates-per-step", "2", "--batch-size", "16", "--hidden-dims", "32", "32",
              "--render-size", "64"]
     # rfcl through the stage switch (the first finished episode ends stage 1), with eval and video
-    rfcl.main(common.parse_args(rfcl.Args, rfcl.PRESETS, "", [*small, "--exp-name", "g", "--reverse-solved-frac",
-                                                               "-1", "--num-seeds", "8"], rfcl.TASK_DEFAULTS, "rfcl"))
+    rfcl.main(rfcl.parse_args([*small, "--exp-name", "g", "--reverse-solved-frac", "-1", "--num-seeds", "8"]))
     run = tmp_path / "runs" / "g"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["stage"] == 2 and summary["global_step"] == 96 and summary["eval_success_at_end"] is not None
-    stage1 = common.load_checkpoint(str(run / "checkpoints" / "stage1.ckpt"), "rfcl")
+    stage1 = bookkeeping.load_checkpoint(str(run / "checkpoints" / "stage1.ckpt"))
     assert stage1["global_step"] == summary["stage1_end_step"] and json.loads(stage1["extra"])["stage"] == 1
     assert (run / "videos" / "eval_00000096.mp4").exists()
-    rfcl.main(common.parse_args(rfcl.Args, rfcl.PRESETS, "", [
+    rfcl.main(rfcl.parse_args([
         "--evaluate", "--checkpoint", str(run / "checkpoints" / "final.ckpt"), "--sim-backend", "gpu",
         "--num-eval-envs", "1", "--num-eval-episodes", "1", "--exp-name", "g_eval", "--render-size", "64"]))
     assert (tmp_path / "runs" / "g_eval" / "videos" / "eval.mp4").exists()
-    rlpd.main(common.parse_args(rlpd.Args, rlpd.PRESETS, "", [*small, "--exp-name", "r"], rlpd.TASK_DEFAULTS, "rlpd"))
+    rlpd.main(rlpd.parse_args([*small, "--exp-name", "r"]))
     assert json.loads((tmp_path / "runs" / "r" / "summary.json").read_text())["global_step"] == 96
     # collect_demos' batched recorder: its episodes load like any demos, and the json says what reproduces them
     collect_demos.main(collect_demos.Args(checkpoint=str(run / "checkpoints" / "final.ckpt"), sim_backend="gpu",

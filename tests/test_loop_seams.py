@@ -9,6 +9,7 @@ import pytest
 
 import common
 import rfcl
+import vector_env
 from conftest import read_scalars
 
 ENVS, PER_ENV, SEED_STEPS, TOTAL, HORIZON = 2, 4, 16, 400, 12
@@ -27,10 +28,11 @@ class EnvRecorder:
     def __getattr__(self, name):
         return getattr(self.envs, name)
 
-    def reset(self, mask, seeds, demo_starts=None):
+    def reset(self, mask, seeds, states=None):
+        """Records each env's demo start (i, t) (tagged by demo_state, see spy_run), or None."""
         self.resets.append((len(self.success), np.array(mask), np.array(seeds),
-                            None if demo_starts is None else list(demo_starts)))
-        return self.envs.reset(mask, seeds, demo_starts)
+                            None if states is None else [getattr(s, "start", None) for s in states]))
+        return self.envs.reset(mask, seeds, None if states is None else [s if s is None else tuple(s) for s in states])
 
     def step(self, actions):
         obs, terminated, success = self.envs.step(actions)
@@ -58,12 +60,21 @@ def spy_run(tmp_path, monkeypatch, *extra):
     """rfcl.main in this process on 2 demos, to TOTAL env steps. By default stage 1 ends at the first finished
     episode (negative solved fraction); `extra` flags override. Returns what the spies saw."""
     seen = {"train": None, "eval": None, "reverse": [], "forward": [], "samples": [], "updates": [], "switch": []}
-    make_envs = common.make_envs
+    make_envs, demo_state = vector_env.make_envs, rfcl.demo_state
 
-    def recording_make_envs(args, num_envs, demos=None, record=False):
-        rec = EnvRecorder(make_envs(args, num_envs, demos, record), scripted=demos is not None)
-        seen["train" if demos is not None else "eval"] = rec
+    def recording_make_envs(*a, **k):
+        training = seen["train"] is None  # the training envs are made first
+        rec = EnvRecorder(make_envs(*a, **k), scripted=training)
+        seen["train" if training else "eval"] = rec
         return rec
+
+    class Start(tuple):
+        """A demo state that says which (demo, step) it is."""
+
+    def tagged_demo_state(demos, i, t):
+        start = Start(demo_state(demos, i, t))
+        start.start = (int(i), int(t))
+        return start
 
     def spy(cls, name, log, keep=lambda self, a, r: a):
         orig = getattr(cls, name)
@@ -110,12 +121,13 @@ def spy_run(tmp_path, monkeypatch, *extra):
         def __getattr__(self, name):
             return getattr(np, name)
 
-    monkeypatch.setattr(common, "make_envs", recording_make_envs)
+    monkeypatch.setattr(vector_env, "make_envs", recording_make_envs)
+    monkeypatch.setattr(rfcl, "demo_state", tagged_demo_state)
     monkeypatch.setattr(rfcl, "make_update", spying_make_update)
     monkeypatch.setattr(rfcl, "switch_to_stage2", switch_spy)
     monkeypatch.setattr(rfcl, "np", Numpy())
     monkeypatch.chdir(tmp_path)
-    args = common.parse_args(rfcl.Args, rfcl.PRESETS, "", [
+    args = rfcl.parse_args([
         "--exp-name", "seams", "--num-demos", "2", "--total-timesteps", str(TOTAL), "--reverse-solved-frac", "-1",
         "--num-seed-steps", str(SEED_STEPS), "--batch-size", "16", "--num-envs", str(ENVS), "--steps-per-env",
         str(PER_ENV), "--grad-updates-per-step", "2", "--num-eval-envs", "2", "--num-eval-episodes", "3",

@@ -3,14 +3,18 @@
 
 import dataclasses
 import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import jax
 import numpy as np
 import pytest
 
+import bookkeeping
 import common
 import rfcl
 import rlpd
+import vector_env
 
 SHARED = {"exp_name": None, "seed": 1, "track": False, "env_id": "PickCube-v1", "obs_mode": "state",
           "control_mode": "pd_joint_delta_pos", "sim_backend": "cpu", "num_envs": 8, "num_eval_envs": 8,
@@ -40,21 +44,21 @@ EXPECTED = {
 
 @pytest.mark.parametrize("algo,preset", list(EXPECTED), ids=lambda x: getattr(x, "__name__", x))
 def test_every_value_of_every_preset(algo, preset):
-    args = common.parse_args(algo.Args, algo.PRESETS, "", ["--preset", preset])
+    args = algo.parse_args(["--preset", preset])
     assert dataclasses.asdict(args) == EXPECTED[algo, preset]
-    over = common.parse_args(algo.Args, algo.PRESETS, "", ["--num-qs", "5", "--preset", preset, "--gamma", "0.99"])
+    over = algo.parse_args(["--num-qs", "5", "--preset", preset, "--gamma", "0.99"])
     assert dataclasses.asdict(over) == {**EXPECTED[algo, preset], "num_qs": 5, "gamma": 0.99}, "flags beat presets"
 
 
 @pytest.mark.parametrize("algo", [rfcl, rlpd], ids=lambda m: m.__name__)
 def test_per_task_defaults_horizon_from_the_registry_and_flags_win(algo, capsys):
-    parse = lambda *argv: common.parse_args(algo.Args, algo.PRESETS, "", list(argv), algo.TASK_DEFAULTS)  # noqa: E731
+    parse = lambda *argv: algo.parse_args(list(argv))  # noqa: E731
     plug = parse("--env-id", "PlugCharger-v1")
     assert (plug.max_episode_steps, plug.gamma, plug.batch_size, plug.buffer_size) == (200, 0.95, 512, 2_000_000)
     if algo is rfcl:
         assert (plug.demo_horizon_to_max_steps_ratio, plug.reverse_step_size, plug.demo_action_scale) == (1.25, 2, 1.25)
     out = capsys.readouterr().out
-    assert "[PlugCharger-v1] per-task defaults: --max-episode-steps 200, --gamma 0.95, --batch-size 512" in out
+    assert "per-task defaults: --max-episode-steps 200, --gamma 0.95, --batch-size 512" in out
     # every flag on the command line wins over the task's value, in either spelling; the others still apply
     over = parse("--gamma", "0.8", "--env-id=PlugCharger-v1", "--max_episode_steps", "30", "--preset", "sample-efficient")
     assert (over.gamma, over.max_episode_steps, over.batch_size, over.num_qs) == (0.8, 30, 512, 10)
@@ -67,9 +71,8 @@ def test_per_task_defaults_horizon_from_the_registry_and_flags_win(algo, capsys)
 
 def test_per_task_values_are_recorded_in_args_json(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = common.parse_args(rfcl.Args, rfcl.PRESETS, "", ["--env-id", "PegInsertionSide-v1", "--exp-name", "t"],
-                             rfcl.TASK_DEFAULTS)
-    common.make_run_dir(common.run_dir_for(args, "rfcl"), args)
+    args = rfcl.parse_args(["--env-id", "PegInsertionSide-v1", "--exp-name", "t"])
+    bookkeeping.make_run_dir(bookkeeping.new_run_dir(args.exp_name), dataclasses.asdict(args))
     saved = json.loads((tmp_path / "runs" / "t" / "args.json").read_text())
     assert (saved["gamma"], saved["max_episode_steps"]) == (0.99, 100)
 
@@ -122,8 +125,10 @@ def test_every_checkpoint_field_round_trips(algo, tmp_path):
     args = algo.Args(hidden_dims=(16, 16), num_qs=3)
     state = trained_like_state(algo, args, 5)
     path = tmp_path / "c.ckpt"
-    common.save_checkpoint(path, algo.ALGORITHM, args, 42, 8, algo.networks(state), 1234, {"stage": 2, "t": [1, 2]})
-    ckpt = common.load_checkpoint(str(path), algo.ALGORITHM, args)
+    bookkeeping.save_checkpoint(path, algo.checkpoint_meta(args, 42, 8), algo.networks(state), 1234,
+                                {"stage": 2, "t": [1, 2]})
+    ckpt = bookkeeping.load_checkpoint(str(path))
+    assert ckpt["script"] == str(Path(algo.__file__).resolve())
     assert {k: ckpt[k] for k in ("algorithm", "env_id", "obs_mode", "control_mode", "obs_dim", "act_dim",
                                  "hidden_dims", "num_qs", "global_step")} == {
         "algorithm": algo.ALGORITHM, "env_id": "PickCube-v1", "obs_mode": "state",
@@ -133,7 +138,7 @@ def test_every_checkpoint_field_round_trips(algo, tmp_path):
     assert json.loads(ckpt["extra"]) == {"stage": 2, "t": [1, 2]}
     _, _, fresh = algo.init_sac(args, 42, 8, jax.random.PRNGKey(0))
     restored = algo.with_networks(fresh, ckpt)
-    for name in common.NETWORK_FIELDS:
+    for name in bookkeeping.NETWORK_FIELDS:
         saved, back = algo.networks(state)[name], algo.networks(restored)[name]
         leaves = list(zip(jax.tree_util.tree_leaves(saved), jax.tree_util.tree_leaves(back)))
         assert leaves and all(np.array_equal(a, b) for a, b in leaves), name
@@ -144,11 +149,12 @@ def test_evaluate_acts_with_the_saved_weights_not_a_fresh_init(tmp_path, monkeyp
     args = rfcl.Args(hidden_dims=(16, 16))
     state = trained_like_state(rfcl, args, 5)
     path = tmp_path / "c.ckpt"
-    common.save_checkpoint(path, "rfcl", args, 42, 8, rfcl.networks(state), 10)
+    bookkeeping.save_checkpoint(path, rfcl.checkpoint_meta(args, 42, 8), rfcl.networks(state), 10)
     used = {}
-    monkeypatch.setattr(common, "evaluate_checkpoint", lambda a, ckpt, run_dir, act: used.update(act=act))
+    monkeypatch.setattr(vector_env, "make_envs", lambda *a: SimpleNamespace(obs_dim=42, act_dim=8, close=lambda: None))
+    monkeypatch.setattr(common, "evaluate", lambda envs, act, *a: used.update(act=act) or {"eval/episodes": 0})
     monkeypatch.chdir(tmp_path)
-    rfcl.main(common.parse_args(rfcl.Args, rfcl.PRESETS, "", ["--evaluate", "--checkpoint", str(path)]))
+    rfcl.main(rfcl.parse_args(["--evaluate", "--checkpoint", str(path)]))
     obs = np.random.default_rng(0).normal(size=(4, 42)).astype(np.float32)
     actor = rfcl.Actor(8, (16, 16))
     np.testing.assert_allclose(used["act"](obs), rfcl.deterministic_action(actor, state.actor.params, obs), rtol=1e-6)

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-import common
+import bookkeeping
 import rfcl
 import rlpd
 from conftest import read_scalars
@@ -57,17 +57,18 @@ def test_round_trip_restores_every_tensor_curriculum_field_generator_and_buffer(
         i, t, _ = reverse.sample_start()
         reverse.report(i, reverse.t[i], bool(rng.integers(2)))
         forward.report(forward.sample(), bool(rng.integers(2)))
-    run = common.RunLog(args, tmp_path, common.SummaryWriter(str(tmp_path)))
+    run = bookkeeping.RunLog(tmp_path, bookkeeping.SummaryWriter(str(tmp_path)), args.total_timesteps, args.log_freq, args.eval_freq,
+                           args.save_freq, args.max_episode_steps, args.num_eval_episodes, args.capture_video, None, 3)
     run.episode_ended(1.0, True, True)
     run.evals.append([32, 0.5])  # an eval's step and success_at_end, which --target-success judges
-    run.due("log", 64)
+    run.last["log"] = 64
     loop = {"global_step": 64, "stage": 1, "stage1_end_step": None, "grad_updates": 3}
     key = jax.random.PRNGKey(7)
     saved = rfcl.resume_state(state, key, rng, reverse, forward, online, offline, loop, run)
 
-    path = tmp_path / common.RESUME_FILE
-    common.save_resume_state(path, "rfcl", args, 64, 1, saved)
-    header, loaded = common.load_resume_state(path, "rfcl")
+    path = tmp_path / bookkeeping.RESUME_FILE
+    bookkeeping.save_resume_state(path, "rfcl", rfcl.SCRIPT, dataclasses.asdict(args), 64, 1, saved)
+    header, loaded = bookkeeping.load_resume_state(path, "rfcl", rfcl.SCRIPT)
     assert (header["global_step"], header["stage"], header["args"]) == (64, 1, json.loads(json.dumps(
         dataclasses.asdict(args))))
 
@@ -77,7 +78,8 @@ def test_round_trip_restores_every_tensor_curriculum_field_generator_and_buffer(
     reverse2 = rfcl.ReverseCurriculum([20, 30, 25], 4, 3, 3.0, 0.9, rng2)
     forward2 = rfcl.ForwardCurriculum(np.arange(6) + 100, 0.1, 0.1, 5, rng2)
     state2, key2, online2, offline2, loop2 = rfcl.restore(loaded, fresh, rng2, reverse2, forward2)
-    run2 = common.RunLog(args, tmp_path, common.SummaryWriter(str(tmp_path)))
+    run2 = bookkeeping.RunLog(tmp_path, bookkeeping.SummaryWriter(str(tmp_path)), args.total_timesteps, args.log_freq, args.eval_freq,
+                           args.save_freq, args.max_episode_steps, args.num_eval_episodes, args.capture_video, None, 3)
     run2.load_state_dict(loaded["run"], 64)
     assert_same_tree(saved, rfcl.resume_state(state2, key2, rng2, reverse2, forward2, online2, offline2, loop2, run2))
     # beyond the snapshot: whole buffers (capacity, ring position), deques' lengths, what the generator draws next
@@ -103,18 +105,19 @@ def saved_run(tmp_path):
     """runs/r: args.json and a small, valid rfcl resume state at env step 64."""
     run_dir = tmp_path / "runs" / "r"
     args = rfcl.Args(exp_name="r", max_episode_steps=50, total_timesteps=100)
-    common.make_run_dir(run_dir, args)
-    common.save_resume_state(run_dir / common.RESUME_FILE, "rfcl", args, 64, 1, {"x": np.arange(1000.0)})
+    bookkeeping.make_run_dir(run_dir, dataclasses.asdict(args))
+    bookkeeping.save_resume_state(run_dir / bookkeeping.RESUME_FILE, "rfcl", rfcl.SCRIPT, dataclasses.asdict(args), 64,
+                                  1, {"x": np.arange(1000.0)})
     return run_dir
 
 
 def parse(module, *argv):
-    return common.parse_args(module.Args, module.PRESETS, "", list(argv), module.TASK_DEFAULTS, module.ALGORITHM)
+    return module.parse_args(list(argv))
 
 
 def resume_error(module, *argv) -> str:
-    """The error of `python module.py argv`: flags and the state's header fail in parse_args, the payload when main
-    loads it (before it builds or writes anything)."""
+    """The error of `python module.py argv`: flags fail in parse_args, the state when main loads it (before it
+    builds or writes anything)."""
     with pytest.raises(SystemExit) as e:
         module.main(parse(module, *argv))
     msg = str(e.value.code)
@@ -134,7 +137,7 @@ def test_resume_takes_args_json_and_only_the_flags_that_cannot_change_the_algori
 
 def test_bad_resume_inputs_are_one_line_errors_and_change_nothing(saved_run, tmp_path):
     before = {p: p.read_bytes() for p in saved_run.rglob("*") if p.is_file()}
-    state = saved_run / common.RESUME_FILE
+    state = saved_run / bookkeeping.RESUME_FILE
     good = state.read_bytes()
     assert resume_error(rfcl, "--resume", str(tmp_path / "runs" / "nope")).startswith(
         "error: --resume " + str(tmp_path / "runs" / "nope") + ": no such run directory")
@@ -145,7 +148,7 @@ def test_bad_resume_inputs_are_one_line_errors_and_change_nothing(saved_run, tmp
     assert resume_error(rfcl, "--resume", str(saved_run), "--env-id", "PushCube-v1").startswith(
         "error: --env-id cannot be given with --resume")
     assert resume_error(rlpd, "--resume", str(saved_run)) == (
-        f"error: {saved_run} is a rfcl run; resume it with rfcl.py")
+        f"error: {saved_run} is a run of rfcl.py (algorithm rfcl); resume it with that script")
     assert resume_error(rfcl, "--resume", str(saved_run), "--total-timesteps", "64") == (
         f"error: {saved_run} is already at env step 64; give a larger --total-timesteps to train it further")
 
@@ -176,19 +179,19 @@ def test_bad_resume_inputs_are_one_line_errors_and_change_nothing(saved_run, tmp
 
 def test_a_resume_state_write_is_atomic(tmp_path, monkeypatch):
     """The previous state stays whole until the new one is complete: a write that dies midway leaves it."""
-    path = tmp_path / common.RESUME_FILE
-    args = rfcl.Args(exp_name="a", max_episode_steps=50)
-    common.save_resume_state(path, "rfcl", args, 10, 1, {"x": np.zeros(10)})
+    path = tmp_path / bookkeeping.RESUME_FILE
+    config = dataclasses.asdict(rfcl.Args(exp_name="a", max_episode_steps=50))
+    bookkeeping.save_resume_state(path, "rfcl", rfcl.SCRIPT, config, 10, 1, {"x": np.zeros(10)})
     first = path.read_bytes()
 
     def dies(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(common.os, "fsync", dies)
+    monkeypatch.setattr(bookkeeping.os, "fsync", dies)
     with pytest.raises(OSError):
-        common.save_resume_state(path, "rfcl", args, 20, 1, {"x": np.ones(10**5)})
+        bookkeeping.save_resume_state(path, "rfcl", rfcl.SCRIPT, config, 20, 1, {"x": np.ones(10**5)})
     assert path.read_bytes() == first
-    assert common.load_resume_state(path, "rfcl")[0]["global_step"] == 10
+    assert bookkeeping.load_resume_state(path, "rfcl")[0]["global_step"] == 10
 
 
 # ---- stop at N, resume, and compare with the run that did not stop ---------------------------------------------
@@ -200,17 +203,16 @@ SMALL = ["--num-demos", "2", "--num-envs", "2", "--num-eval-envs", "1", "--num-e
 
 def run_in_process(module, argv, cwd, monkeypatch, keep=False):
     """module.main as `python module.py argv` in cwd; with keep, a copy of every resume state it writes."""
-    original = common.save_resume_state
+    original = bookkeeping.save_resume_state
 
-    def save_and_keep(path, algorithm, args, step, stage, payload):
-        seconds = original(path, algorithm, args, step, stage, payload)
+    def save_and_keep(path, algorithm, script, config, step, stage, payload):
+        original(path, algorithm, script, config, step, stage, payload)
         shutil.copy(path, path.with_name(f"resume_{step}.state"))
-        return seconds
 
     with monkeypatch.context() as m:
         m.chdir(cwd)
         if keep:
-            m.setattr(common, "save_resume_state", save_and_keep)
+            m.setattr(bookkeeping, "save_resume_state", save_and_keep)
         module.main(parse(module, *argv))
 
 
@@ -227,17 +229,17 @@ def test_stopped_and_resumed_run_equals_the_run_that_did_not_stop(module, extra,
     if module is rfcl:  # b: a run that stops at N, then resumes
         run_in_process(module, [*flags, "--exp-name", "b", "--total-timesteps", "192"], tmp_path, monkeypatch)
         at_n = tmp_path / "runs" / "b" / "at_192.state"
-        shutil.copy(tmp_path / "runs" / "b" / common.RESUME_FILE, at_n)
-        assert_same_tree(common.load_resume_state(tmp_path / "runs" / "a" / "resume_192.state", None)[1],
-                         common.load_resume_state(at_n, None)[1])
+        shutil.copy(tmp_path / "runs" / "b" / bookkeeping.RESUME_FILE, at_n)
+        assert_same_tree(bookkeeping.load_resume_state(tmp_path / "runs" / "a" / "resume_192.state", None)[1],
+                         bookkeeping.load_resume_state(at_n, None)[1])
     else:  # b: the uninterrupted run as it was at N (its logs of all 384 steps, which the resume purges after N)
         shutil.copytree(tmp_path / "runs" / "a", tmp_path / "runs" / "b")
-        shutil.copy(tmp_path / "runs" / "b" / "resume_192.state", tmp_path / "runs" / "b" / common.RESUME_FILE)
+        shutil.copy(tmp_path / "runs" / "b" / "resume_192.state", tmp_path / "runs" / "b" / bookkeeping.RESUME_FILE)
     run_in_process(module, ["--resume", "runs/b", "--total-timesteps", "384"], tmp_path, monkeypatch)
 
     a, b = tmp_path / "runs" / "a", tmp_path / "runs" / "b"
-    assert_same_tree(common.load_resume_state(a / common.RESUME_FILE, None)[1],
-                     common.load_resume_state(b / common.RESUME_FILE, None)[1])
+    assert_same_tree(bookkeeping.load_resume_state(a / bookkeeping.RESUME_FILE, None)[1],
+                     bookkeeping.load_resume_state(b / bookkeeping.RESUME_FILE, None)[1])
     sa, sb = read_scalars(a), read_scalars(b)
     skip = ("charts/SPS",)
     assert {t for t in sa if not t.startswith("time/")} == {t for t in sb if not t.startswith("time/")}
@@ -259,13 +261,13 @@ def test_rfcl_stage1_resume_keeps_the_learner_and_restarts_the_same_episodes(dem
     env process and one that has run for a while step the same state to slightly different next observations."""
     flags = [*SMALL, "--save-freq", "192", "--num-seeds", "20"]
     run_in_process(rfcl, [*flags, "--exp-name", "a", "--total-timesteps", "288"], tmp_path, monkeypatch, keep=True)
-    assert common.load_resume_state(tmp_path / "runs" / "a" / "resume_192.state", None)[1]["loop"]["stage"] == 1
+    assert bookkeeping.load_resume_state(tmp_path / "runs" / "a" / "resume_192.state", None)[1]["loop"]["stage"] == 1
     shutil.copytree(tmp_path / "runs" / "a", tmp_path / "runs" / "b")
-    shutil.copy(tmp_path / "runs" / "b" / "resume_192.state", tmp_path / "runs" / "b" / common.RESUME_FILE)
+    shutil.copy(tmp_path / "runs" / "b" / "resume_192.state", tmp_path / "runs" / "b" / bookkeeping.RESUME_FILE)
     run_in_process(rfcl, ["--resume", "runs/b", "--total-timesteps", "288"], tmp_path, monkeypatch)
 
-    a_end = common.load_resume_state(tmp_path / "runs" / "a" / common.RESUME_FILE, None)[1]["online"]["data"]
-    b_end = common.load_resume_state(tmp_path / "runs" / "b" / common.RESUME_FILE, None)[1]["online"]["data"]
+    a_end = bookkeeping.load_resume_state(tmp_path / "runs" / "a" / bookkeeping.RESUME_FILE, None)[1]["online"]["data"]
+    b_end = bookkeeping.load_resume_state(tmp_path / "runs" / "b" / bookkeeping.RESUME_FILE, None)[1]["online"]["data"]
     rows = slice(192, 194)  # the first step after N, both envs
     np.testing.assert_array_equal(a_end["obs"][rows], b_end["obs"][rows])
     np.testing.assert_array_equal(a_end["actions"][rows], b_end["actions"][rows])

@@ -68,7 +68,6 @@ def test_an_existing_run_directory_is_never_overwritten(tiny_run):
 def test_bad_input_errors_are_one_line(tiny_run, demo_path, tmp_path, monkeypatch):
     """Each case as `python rfcl.py ...` would run it, in this process (the message is what sys.exit prints;
     the subprocess test above shows the same path ends in one line on stderr)."""
-    import common
     import rfcl
 
     cwd, run_dir, _ = tiny_run
@@ -86,8 +85,23 @@ def test_bad_input_errors_are_one_line(tiny_run, demo_path, tmp_path, monkeypatc
         (["--total-timesteps", "0"], "error: --total-timesteps must be >= 1, got 0"),
         (["--num-envs", "0"], "error: --num-envs must be >= 1, got 0"),
         (["--eval-freq", "0"], "error: --eval-freq must be >= 1, got 0"),
+        (["--gamma", "1.5"], "error: --gamma is a discount in [0, 1), got 1.5"),
+        (["--gamma", "-0.1"], "error: --gamma is a discount in [0, 1), got -0.1"),
+        (["--tau", "0"], "error: --tau is the target critics' Polyak rate, in (0, 1], got 0.0"),
+        (["--learning-rate", "0"], "error: --learning-rate and --init-temperature must be > 0, got 0.0 and 0.01"),
+        (["--init-temperature", "0"], "error: --learning-rate and --init-temperature must be > 0"),
+        (["--hidden-dims"], "error: --hidden-dims takes one width >= 1 per hidden layer (e.g. --hidden-dims 256 256 "
+                            "256), got none"),
+        (["--buffer-size", "10"], "error: --buffer-size 10 is smaller than --num-seed-steps 5000: updates start only"),
+        (["--render-size", "0"], "error: --render-size must be >= 1 with videos, got 0 (or pass --no-capture-video)"),
+        (["--demo-horizon-to-max-steps-ratio", "0"], "error: --demo-action-scale, --demo-horizon-to-max-steps-ratio "
+                                                     "and --plr-temperature must be > 0, got 1.0, 0.0 and 0.1"),
+        (["--num-seeds", "0"], "error: --num-seeds must be >= 1, got 0"),
+        (["--plr-staleness-coef", "1.5"], "error: --plr-staleness-coef is a mixing weight in [0, 1], got 1.5"),
         (["--env-id", "PickSingleYCB-v1", "--sim-backend", "gpu", "--num-envs", "4"],
-         "error: PickSingleYCB-v1 gives each GPU env its own object, chosen once when the envs are built"),
+         "error: PickSingleYCB-v1 draws each episode's scene (objects, sizes) from its seed, while a GPU-batched env"),
+        (["--env-id", "PegInsertionSide-v1", "--sim-backend", "gpu", "--num-envs", "4"],  # its peg and hole sizes
+         "error: PegInsertionSide-v1 draws each episode's scene (objects, sizes) from its seed"),
     ]
     if not torch.cuda.is_available():  # with CUDA this would start a real 1M-step GPU run
         cases.append((["--sim-backend", "gpu"], "error: GPU simulation needs CUDA; use --sim-backend cpu"))
@@ -95,8 +109,7 @@ def test_bad_input_errors_are_one_line(tiny_run, demo_path, tmp_path, monkeypatc
         cases.append((["--track"], "error: --track needs Weights & Biases: pip install wandb"))
     for i, (extra, start) in enumerate(cases):
         with pytest.raises(SystemExit) as e:
-            rfcl.main(common.parse_args(rfcl.Args, rfcl.PRESETS, "", ["--exp-name", f"bad{i}", *extra],
-                                        rfcl.TASK_DEFAULTS, rfcl.ALGORITHM))
+            rfcl.main(rfcl.parse_args(["--exp-name", f"bad{i}", *extra]))
         line = str(e.value.code)
         assert line.startswith(start) and "\n" not in line, (extra, line)
         assert not (cwd / "runs" / f"bad{i}").exists(), "a rejected command leaves no run directory behind"
@@ -105,17 +118,19 @@ def test_bad_input_errors_are_one_line(tiny_run, demo_path, tmp_path, monkeypatc
 
 
 def test_reset_to_a_demo_state_gives_the_demo_observation(demo_path):
-    """The CPU worker resets to (demo, t) and returns the demo's recorded observation; the simulator state
-    matches it (all but the contact flag, which the next physics step refreshes)."""
+    """The CPU worker starts from the (demo, t) state rfcl.demo_state gives it and returns the demo's recorded
+    observation; the simulator state matches it (all but the contact flag, which the next physics step refreshes)."""
     import common
     import rfcl
+    import vector_env
 
     demos = common.load_demos(demo_path, 2)
-    env = common.CPUWorkerEnv("PickCube-v1", common.env_kwargs(rfcl.Args(), 1, "physx_cpu", render=False), 1, demos)
+    env = vector_env.CPUWorkerEnv("PickCube-v1", vector_env.env_kwargs("state", "pd_joint_delta_pos", 1, "physx_cpu"), 1)
     try:
         for i in range(2):
             for t in (0, 10, len(demos.traj_obs[i]) - 1):
-                obs, _ = env.reset(options={"demo_starts": [None, (i, t)]})
+                obs, _ = env.reset(seed=demos.episodes[i]["episode_seed"],
+                                   options={"states": [None, rfcl.demo_state(demos, i, t)]})
                 np.testing.assert_array_equal(obs, demos.traj_obs[i][t])
                 sim_obs = env.unwrapped.get_obs().cpu().numpy()[0]
                 diff = np.abs(sim_obs - demos.traj_obs[i][t])
@@ -131,10 +146,10 @@ def test_reset_to_a_demo_state_gives_the_demo_observation(demo_path):
 
 
 def test_ctrl_c_and_sigterm_are_the_same_stop_request_and_a_second_one_stops_at_once():
-    import common
+    import bookkeeping
 
     for sig in (signal.SIGINT, signal.SIGTERM):
-        stop = common.StopRequest()
+        stop = bookkeeping.StopRequest()
         try:
             assert not stop
             os.kill(os.getpid(), sig)

@@ -1,8 +1,9 @@
 """rfcl.py's curricula in isolation (the SAC core is tested in test_sac_core.py, the presets in
 test_presets_and_checkpoints.py)."""
 
-import numpy as np
+from types import SimpleNamespace
 
+import numpy as np
 
 import rfcl
 from conftest import fake_gpu_envs
@@ -119,17 +120,15 @@ def test_sampling_mixes_scores_and_staleness_and_updates_scores():
 
 
 def test_gpu_reset_mixes_demo_starts_and_seeds_in_two_calls_and_keeps_the_other_envs():
-    """Demo-start envs are set to their demo states in one reset_to_env_states call and show the recorded
+    """Demo-start envs (rfcl.demo_state) are set to their demo states in one reset_to_env_states call and show the recorded
     observation; seeds without a fixed state share one seeded call (ManiSkill: drawn from the first env's seed);
     envs outside the mask keep their observation."""
-    import torch
-
     g, fake = fake_gpu_envs(4)
-    g.demo_states = [{"x": torch.arange(30.0).reshape(10, 3) + 100}]
-    g.demo_obs = [torch.arange(30.0).reshape(10, 3)]
+    demos = SimpleNamespace(env_states=[{"x": np.arange(30, dtype=np.float32).reshape(10, 3) + 100}],
+                            traj_obs=[np.arange(30, dtype=np.float32).reshape(10, 3)])
 
     obs = np.asarray(g.reset(np.array([True, True, True, False]), np.array([11, 12, 13, 14]),
-                             [None, (0, 5), None, None]))
+                             [None, rfcl.demo_state(demos, 0, 5), None, None]))
     assert fake.calls == [("seeded", [0, 2]), ("states", [1])]
     np.testing.assert_array_equal(obs[:3], [[11000] * 3, [15, 16, 17], [11001] * 3])
     np.testing.assert_array_equal(np.asarray(fake.obs)[1], [115, 116, 117])  # the demo's state at t = 5

@@ -1,12 +1,14 @@
 """The SAC core that rfcl.py and rlpd.py each write out (on purpose, CleanRL style): tested on both."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 import jax
 import jax.numpy as jnp
 
-import common
+import bookkeeping
 import rfcl
 import rlpd
 from conftest import fake_gpu_envs
@@ -149,24 +151,35 @@ def test_ring_buffer_returns_what_was_stored_and_wraps(algo):
 
 
 @both
-def test_checkpoint_round_trip_and_wrong_algorithm(algo, tmp_path):
+def test_checkpoint_round_trip_and_what_a_run_started_from_it_refuses(algo, tmp_path, monkeypatch):
     args, actor, critic, state, *_ = small_setup(algo)
     path = tmp_path / "c.ckpt"
-    common.save_checkpoint(path, algo.ALGORITHM, args, 5, 2, algo.networks(state), 123, {"stage": 2})
-    ckpt = common.load_checkpoint(str(path), algo.ALGORITHM, args)
+    bookkeeping.save_checkpoint(path, algo.checkpoint_meta(args, 5, 2), algo.networks(state), 123, {"stage": 2})
+    ckpt = bookkeeping.load_checkpoint(str(path))
     assert ckpt["algorithm"] == algo.ALGORITHM and ckpt["global_step"] == 123 and ckpt["obs_dim"] == 5
     np.testing.assert_array_equal(ckpt["actor_params"]["Dense_0"]["kernel"], state.actor.params["Dense_0"]["kernel"])
     assert not list(tmp_path.glob(".*tmp")), "no temporary file left behind"
-    from flax import serialization
-    other = dict(ckpt, algorithm="rlpd" if algo is rfcl else "rfcl")
-    (tmp_path / "o.ckpt").write_bytes(serialization.msgpack_serialize(other))
-    with pytest.raises(SystemExit, match=f"is a {other['algorithm']} checkpoint, not {algo.ALGORITHM}"):
-        common.load_checkpoint(str(tmp_path / "o.ckpt"), algo.ALGORITHM)
+    monkeypatch.chdir(tmp_path)
+
+    def error(*flags) -> str:
+        """python algo.py --checkpoint ... flags: the one line it stops with, before it builds or writes anything."""
+        with pytest.raises(SystemExit) as e:
+            algo.main(algo.parse_args(["--exp-name", "x", "--num-qs", "3", "--hidden-dims", "32", "32", *flags]))
+        assert not (tmp_path / "runs").exists()
+        return str(e.value.code)
+
+    # networks this script does not build with the run's flags: one line naming the first difference and the writer
+    name = f"{algo.__name__}.py"
+    assert error("--checkpoint", str(path), "--hidden-dims", "7", "7") == (
+        f"error: {path} holds networks that {name} does not build with these flags (['actor_params']['Dense_0']['bias']: "
+        f"(32,) in the checkpoint, (7,) here); it was written by {name} with --hidden-dims 32 32 --num-qs 3: pass the "
+        f"same flags, or start from it with {name}")
+    assert "(['critic_params']" in error("--checkpoint", str(path), "--num-qs", "4")
     (tmp_path / "bad.ckpt").write_bytes(b"\x00garbage")
-    with pytest.raises(SystemExit, match="not a readable rfcl/rlpd checkpoint"):
-        common.load_checkpoint(str(tmp_path / "bad.ckpt"), algo.ALGORITHM)
-    with pytest.raises(SystemExit, match="was trained with --env-id PickCube-v1, not StackCube-v1"):
-        common.load_checkpoint(str(path), algo.ALGORITHM, algo.Args(env_id="StackCube-v1"))
+    assert error("--checkpoint", str(tmp_path / "bad.ckpt")) == (
+        f"error: {tmp_path / 'bad.ckpt'} is not a readable checkpoint of these scripts (corrupted or another format)")
+    assert error("--checkpoint", str(path), "--env-id", "StackCube-v1") == (
+        f"error: {path} was trained with --env-id PickCube-v1, not StackCube-v1; pass the same")
 
 
 # ---- GPU env resets (logic only: a stand-in replaces the CUDA env) ----------------------------------------------
@@ -176,8 +189,6 @@ def test_gpu_resets_take_one_call_per_round_and_a_seed_keeps_its_initial_state(n
     initial state (n seeds per call) and every later round restores the states of all finished envs in one call,
     so seed s gives the same initial state whichever envs reset with it; seeds without a fixed state (RLPD's)
     reset in one seeded call; envs outside the mask keep their observation."""
-    import torch
-
     g, fake = fake_gpu_envs(n)
     pool = 10_000 + np.arange(2 * n + 3)
     g.prepare(pool)
@@ -200,10 +211,10 @@ def test_gpu_resets_take_one_call_per_round_and_a_seed_keeps_its_initial_state(n
     obs = np.asarray(g.reset(np.ones(n, bool), np.arange(n) + 5))
     assert fake.calls == [("seeded", list(range(n)))]
     # demo starts: one call, the recorded observations
-    g.demo_states = [{"x": torch.arange(40, dtype=torch.float32).reshape(10, 4)[:, :3] + 100 * i} for i in range(2)]
-    g.demo_obs = [torch.full((10, 3), float(i)) for i in range(2)]
+    states = [{"x": np.arange(40, dtype=np.float32).reshape(10, 4)[:, :3] + 100 * i} for i in range(2)]
+    demo_obs = [np.full((10, 3), float(i)) for i in range(2)]
     fake.calls.clear()
-    starts = [(j % 2, j % 10) for j in range(n)]
+    starts = [({"x": states[j % 2]["x"][j % 10]}, demo_obs[j % 2][j % 10]) for j in range(n)]
     obs = np.asarray(g.reset(np.ones(n, bool), np.zeros(n, np.int64), starts))
     assert fake.calls == [("states", list(range(n)))]
     np.testing.assert_array_equal(obs[:, 0], [j % 2 for j in range(n)])

@@ -1,0 +1,175 @@
+"""Making demos when none are cached: ManiSkill's download, else its motion planners (offline), then conversion to the
+requested obs and control modes. Read it to change where demos come from; common.get_demos calls make_demos."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from tqdm import tqdm
+
+import bookkeeping
+import common
+import vector_env
+from common import DemoError, demo_dir
+
+# ManiSkill's motion-planning solutions (mani_skill.examples.motionplanning.panda.run.MP_SOLUTIONS in 3.0.1).
+MOTION_PLANNING_ENVS = (
+    "DrawTriangle-v1", "PickCube-v1", "StackCube-v1", "PegInsertionSide-v1", "PlugCharger-v1",
+    "PlaceSphere-v1", "PushCube-v1", "PullCubeTool-v1", "LiftPegUpright-v1", "PullCube-v1",
+    "DrawSVG-v1", "StackPyramid-v1",
+)
+
+
+def _network_ok(url: str = "https://huggingface.co", timeout: float = 5.0) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=timeout).close()
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "no usable network"
+        return False
+
+
+def _run(cmd: list[str], cwd: Path, what: str) -> None:
+    # ManiSkill's own progress bars go straight to the terminal
+    print(f"[demos] {what}: {' '.join(cmd[2:])}", flush=True)
+    proc = subprocess.run(cmd, cwd=cwd)
+    if proc.returncode != 0:
+        raise DemoError(f"{what} failed (exit {proc.returncode}, output above): python {' '.join(cmd[1:])}")
+
+
+def _convert(raw_h5: Path, obs_mode: str, control_mode: str, cwd: Path) -> Path:
+    """Replay pd_joint_pos trajectories into the requested obs/control mode, keeping env states."""
+    _run([sys.executable, "-m", "mani_skill.trajectory.replay_trajectory",
+          "--traj-path", str(raw_h5), "--use-first-env-state", "-c", control_mode, "-o", obs_mode,
+          "--save-traj", "--record-rewards", "--num-envs", "1"], cwd, "converting demos")
+    out = raw_h5.with_name(f"{raw_h5.stem}.{obs_mode}.{control_mode}.physx_cpu.h5")
+    if not out.exists():
+        raise DemoError(f"conversion of {raw_h5} wrote no {out.name}; convert it by hand with "
+                        "python -m mani_skill.trajectory.replay_trajectory and pass --dataset-path")
+    return out
+
+
+def generate_demos(env_id: str, obs_mode: str, control_mode: str, num_demos: int) -> Path:
+    """Generate >= num_demos successful demos offline with ManiSkill's motion planner, convert them, and
+    cache them in demo_dir()/env_id/motionplanning/. Files appear atomically (json last)."""
+    if env_id not in MOTION_PLANNING_ENVS:
+        raise DemoError(f"no demos for {env_id} on disk, none downloadable here, and ManiSkill has no motion "
+                        f"planner for it; record demos (ManiSkill trajectory .h5) and pass --dataset-path")
+    final_dir = demo_dir() / env_id / "motionplanning"
+    final_dir.mkdir(parents=True, exist_ok=True)
+    # A few extra: a planner trajectory can fail to convert to a delta controller.
+    n_gen = num_demos + max(2, num_demos // 10)
+    name = f"generated_{n_gen}_{time.strftime('%Y%m%d_%H%M%S')}"
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix=".tmp", dir=final_dir) as tmp:
+        tmp = Path(tmp)
+        stats_path = tmp / "planner_stats.json"
+        _run([sys.executable, str(Path(__file__).resolve()), "plan-demos", env_id, str(n_gen),
+              str(planner_attempts(n_gen)), str(tmp / name), str(stats_path)],
+             tmp, f"generating {n_gen} demos with the motion planner")
+        stats = common.read_json(stats_path)
+        print(f"[demos] planner: {stats['successes']}/{stats['attempts']} attempts solved "
+              f"{env_id}, {stats['seconds_per_success']:.1f} s per demo", flush=True)
+        if stats["successes"] < n_gen:
+            raise DemoError(f"ManiSkill's motion planner solved {env_id} only {stats['successes']} times in "
+                            f"{stats['attempts']} attempts (budget 3 per demo + 10); record demos another way "
+                            "and pass --dataset-path, or ask for fewer with --num-demos")
+        raw = tmp / f"{name}.h5"
+        out = _convert(raw, obs_mode, control_mode, tmp)
+        n_ok = len(common.read_json(out.with_suffix(".json"))["episodes"])
+        bookkeeping.write_json(final_dir / f"{name}.planner.json", {**stats, "converted": n_ok})  # kept also when too few
+        if n_ok < num_demos:
+            raise DemoError(f"only {n_ok}/{n_gen} planner demos of {env_id} converted to {control_mode}; "
+                            f"ask for fewer (--num-demos {n_ok}) or another --control-mode")
+        # the raw pd_joint_pos file is kept too: it is the source the converted one came from
+        for src in (raw, raw.with_suffix(".json"), out, out.with_suffix(".json")):
+            os.replace(src, final_dir / src.name)
+    print(f"[demos] {n_ok} demos of {env_id} cached in {final_dir} ({time.time() - t0:.1f} s)", flush=True)
+    return final_dir / out.name
+
+
+def planner_attempts(num_demos: int) -> int:
+    """Retry budget of the motion planner: 3 attempts per demo + 10, then a clear error instead of a hang
+    (ManiSkill's own runner retries forever on a task its planner cannot solve)."""
+    return 3 * num_demos + 10
+
+
+def plan_demos(env_id: str, num_demos: int, max_attempts: int, out_stem: str) -> dict:
+    """Run ManiSkill's motion-planning solution of env_id on seeds 0, 1, ... until num_demos succeed or
+    max_attempts are spent; record the successful ones (pd_joint_pos, env states) to out_stem.h5/.json like
+    mani_skill.examples.motionplanning.panda.run does. Returns the planner's statistics. Run in a subprocess
+    (generate_demos): the planners' native code can crash its process."""
+    from mani_skill.examples.motionplanning.panda.run import MP_SOLUTIONS
+    from mani_skill.utils.wrappers.record import RecordEpisode
+
+    env = vector_env.make_env(env_id, obs_mode="none", control_mode="pd_joint_pos", render_mode="rgb_array", sim_backend="cpu")
+    out = Path(out_stem)
+    env = RecordEpisode(env, output_dir=str(out.parent), trajectory_name=out.name, save_video=False,
+                        source_type="motionplanning",
+                        source_desc="official motion planning solution from ManiSkill contributors",
+                        record_reward=False, save_on_reset=False)
+    lengths, attempts, t_all = [], 0, time.time()
+    with tqdm(total=num_demos, desc=f"planning {env_id}") as bar:
+        while len(lengths) < num_demos and attempts < max_attempts:
+            try:
+                res = MP_SOLUTIONS[env_id](env, seed=attempts, debug=False, vis=False)
+            except Exception as e:  # noqa: BLE001 - a failed plan is one failed attempt, as in ManiSkill's runner
+                print(f"planner error on seed {attempts}: {e}", flush=True)
+                res = -1
+            attempts += 1
+            if res != -1 and bool(res[-1]["success"].item()):
+                env.flush_trajectory()
+                lengths.append(int(res[-1]["elapsed_steps"].item()))
+                bar.update(1)
+            else:
+                env.flush_trajectory(save=False)
+    env.close()
+    total = time.time() - t_all
+    return dict(env_id=env_id, attempts=attempts, successes=len(lengths), success_rate=len(lengths) / attempts,
+                seconds_total=total, seconds_per_success=total / max(len(lengths), 1),
+                seconds_per_attempt=total / attempts, lengths=lengths)
+
+
+def _download_demos(env_id: str, obs_mode: str, control_mode: str) -> Path | None:
+    if not _network_ok():
+        print("[demos] no network for ManiSkill's demo download; generating demos offline instead", flush=True)
+        return None
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            _run([sys.executable, "-m", "mani_skill.utils.download_demo", env_id, "-o", str(demo_dir())],
+                 Path(tmp), "downloading demos")
+    except DemoError as e:
+        print(f"[demos] download failed ({e}); generating demos offline instead", flush=True)
+        return None
+    raws = [p for p in (demo_dir() / env_id).rglob("trajectory.h5")]
+    for raw in raws:
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                return _convert(raw, obs_mode, control_mode, Path(tmp))
+            except DemoError as e:
+                print(f"[demos] {e}", flush=True)
+    return None
+
+
+
+def make_demos(env_id: str, obs_mode: str, control_mode: str, num_demos: int) -> Path:
+    """A trajectory file with >= num_demos demos of env_id in the requested modes: downloaded if the network allows,
+    else generated offline with the motion planner; cached in demo_dir()/env_id."""
+    path = _download_demos(env_id, obs_mode, control_mode)
+    if path is not None and len(common.read_json(path.with_suffix(".json"))["episodes"]) >= num_demos:
+        return path
+    return generate_demos(env_id, obs_mode, control_mode, num_demos)
+
+
+if __name__ == "__main__":
+    # python demo_making.py plan-demos ENV_ID NUM_DEMOS MAX_ATTEMPTS OUT_STEM STATS_JSON  (used by generate_demos)
+    if len(sys.argv) == 7 and sys.argv[1] == "plan-demos":
+        _, _, env_id_, n_, budget_, stem_, stats_ = sys.argv
+        bookkeeping.write_json(Path(stats_), plan_demos(env_id_, int(n_), int(budget_), stem_))
+    else:
+        common.fail("usage: python demo_making.py plan-demos ENV_ID NUM_DEMOS MAX_ATTEMPTS OUT_STEM STATS_JSON")
