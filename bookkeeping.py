@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import importlib.util
 import json
 import os
+import shutil
 import signal
+import socket
 import sys
 import time
 import zlib
@@ -118,11 +121,65 @@ def new_run_dir(exp_name: str) -> Path:
 
 
 def make_run_dir(run_dir: Path, config: dict, resuming: bool = False) -> None:
-    """runs/<exp-name>/ with args.json (`config`); on --resume the directory exists and args.json gets the
-    changed flags."""
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=resuming)
+    """runs/<exp-name>/ with args.json (`config`), locked by this process (lock_run_dir); on --resume the directory
+    exists, is locked already, and args.json gets the changed flags."""
+    if not resuming:
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir.mkdir()
+        except FileExistsError:  # another process made it since new_run_dir looked
+            fail(f"run directory {run_dir} was just made by another process; pass another --exp-name (nothing was "
+                 f"overwritten)")
+        lock_run_dir(run_dir)
+    (run_dir / "checkpoints").mkdir(exist_ok=resuming)
     (run_dir / "videos").mkdir(exist_ok=resuming)
     write_json(run_dir / "args.json", config)
+
+
+_LOCKS = []  # the open lock files: a lock lasts as long as its file stays open
+
+
+def lock_run_dir(run_dir: Path) -> None:
+    """One writer per run directory: an exclusive lock on runs/<exp-name>/.lock, held until this process ends, however
+    it ends (the kernel releases it). A POSIX record lock (fcntl.lockf), not flock: it holds across the nodes of the
+    shared file systems of clusters (NFS through its lock manager, Lustre, GPFS), where flock may lock one node only.
+    A second process, new run or --resume, gets one line naming the holder."""
+    f = open(run_dir / ".lock", "a+")
+    try:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        fail(f"{run_dir} is in use by {holder}; wait for it to end or stop it (Ctrl-C or kill: it saves and exits), "
+             f"then run this again")
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    _LOCKS.append(f)
+
+
+def exit_on_signals() -> None:
+    """Ctrl-C (SIGINT) or SIGTERM before a run's loop takes them over (StopRequest): one line and an exit at once;
+    nothing has been written yet (the run directory is made just before the loop), and the env workers are ended on
+    exit. A script calls it first thing."""
+    def stop(signum, frame):
+        _SIGNALLED.append(signal.Signals(signum).name)
+        print(f"stopped by {_SIGNALLED[-1]}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
+
+
+_SIGNALLED = []  # a start-up signal whose SystemExit was swallowed (raised inside a gc callback) is still honoured
+
+
+def exit_if_signalled() -> None:
+    """Before a run writes anything: a start-up signal that did not end the process ends it now."""
+    if _SIGNALLED:
+        raise SystemExit(130 if _SIGNALLED[0] == "SIGINT" else 143)
 
 
 def check_wandb() -> None:
@@ -196,13 +253,14 @@ def read_resume_header(path: Path, algorithm: Optional[str] = None, script: Opti
 
 
 def save_resume_state(path: Path, algorithm: str, script: str, config: dict, global_step: int, stage: int,
-                      payload: dict) -> None:
-    """Everything a run needs to continue exactly: a one-line JSON header, then the msgpack payload (learner state,
+                      payload: dict, demos: Optional[dict] = None) -> None:
+    """Everything a run needs to continue exactly: a one-line JSON header (with `demos`: the demo file's path, the
+    number of demos and their content hash, see check_resumed_demos), then the msgpack payload (learner state,
     optimizer states, buffers, curricula, generators, schedule). Written atomically: the previous state stays until
     this one is complete on disk."""
     body = serialization.msgpack_serialize(payload)
     header = {"format": RESUME_FORMAT, "version": RESUME_VERSION, "algorithm": algorithm, "script": script,
-              "global_step": global_step, "stage": stage, "args": config, "payload_bytes": len(body),
+              "global_step": global_step, "stage": stage, "args": config, "demos": demos, "payload_bytes": len(body),
               "payload_crc32": zlib.crc32(body)}
     write_atomic(path, [json.dumps(header).encode() + b"\n", body])
 
@@ -224,6 +282,20 @@ def load_resume_state(path: Path, algorithm: str, script: Optional[str] = None,
              f"checksum mismatch); the run cannot continue exactly from it. --checkpoint "
              f"{path.parent}/checkpoints/<file>.ckpt starts a new run from saved networks")
     return header, serialization.msgpack_restore(body)
+
+
+def resumed_demos_path(header: dict, dataset_path: Optional[str]) -> Optional[str]:
+    """The demo file a resumed run loads: --dataset-path if given, else the file its resume state names."""
+    return dataset_path or (header.get("demos") or {}).get("path")
+
+
+def check_resumed_demos(header: dict, path: Path, digest: str) -> None:
+    """A run continues only on the demos it began with (states written before they recorded them are not checked):
+    the same content, wherever the file now is."""
+    saved = header.get("demos")
+    if saved and saved["sha256"] != digest:
+        fail(f"{path} holds other demos than the run began with ({saved['num_demos']} demos of {saved['path']}, "
+             f"sha256 {saved['sha256'][:12]}...); put that file back, or pass --dataset-path to a copy of it")
 
 
 NETWORK_FIELDS = ("actor_params", "critic_params", "target_params", "log_alpha")
@@ -311,9 +383,15 @@ def evaluate_checkpoint(ckpt: dict, path: str, run_dir: Path, make_envs: Callabl
         envs.close()
         fail(f"{path} expects obs/action dims {ckpt['obs_dim']}/{ckpt['act_dim']}, the env has "
              f"{envs.obs_dim}/{envs.act_dim}")
+    exit_if_signalled()
     make_run_dir(run_dir, config)
-    metrics = common.evaluate(envs, act, max_episode_steps, num_episodes,
-                              str(run_dir / "videos" / "eval.mp4") if video else None)
+    try:
+        metrics = common.evaluate(envs, act, max_episode_steps, num_episodes,
+                                  str(run_dir / "videos" / "eval.mp4") if video else None)
+    except BaseException:  # Ctrl-C or SIGTERM (exit_on_signals): nothing complete to keep, nothing to block a rerun
+        shutil.rmtree(run_dir, ignore_errors=True)
+        envs.close(now=True)
+        raise
     envs.close()
     write_json(run_dir / "eval.json", metrics)
     print(json.dumps(metrics))

@@ -11,6 +11,7 @@ built by the script that wrote the checkpoint (a copy of rfcl.py or rlpd.py with
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
 import sys
@@ -90,6 +91,9 @@ class RecordingWorker(gym.Wrapper):
                                     source_type="rl", source_desc=source)
         super().__init__(CPUGymWrapper(self.record, ignore_terminations=True))
         self.idx = idx
+        if multiprocessing.parent_process() is not None:  # the main process decides when to stop (as vector_env's)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     def finish(self, saves, video_path=None):
         """End the current episode: keep it in the h5 if saves[idx]; write the video if one was recorded."""
@@ -200,7 +204,8 @@ def main(args: Args) -> None:
                  f"the checkpoint expects {ckpt['obs_dim']}/{ckpt['act_dim']}")
         kept = attempts = successes = videos = 0
         pbar = tqdm(total=args.num_episodes, unit="demo", dynamic_ncols=True)
-        while kept < args.num_episodes and attempts < max_attempts:
+        stop = bookkeeping.StopRequest()  # Ctrl-C / SIGTERM: the episodes kept so far are written, then it exits
+        while kept < args.num_episodes and attempts < max_attempts and not stop:
             seeds = args.seed + attempts + np.arange(args.num_envs)
             obs = rec.reset(seeds)
             video = args.save_video and videos < args.num_videos
@@ -220,6 +225,7 @@ def main(args: Args) -> None:
             pbar.update(int(saves.sum()))
             pbar.set_postfix(success_rate=f"{successes / attempts:.3f}", attempts=attempts)
         pbar.close()
+        stop.restore()
         parts = [p for p in rec.close() if Path(p).exists()]
         if kept:
             tmp_h5 = Path(tmp) / f"{name}.h5"
@@ -235,6 +241,10 @@ def main(args: Args) -> None:
     report = {"path": str(out_h5) if kept else None, "episodes_written": kept, "attempts": attempts,
               "success_rate": successes / max(attempts, 1), "seconds": round(time.time() - t0, 1)}
     print(json.dumps(report))
+    if stop:
+        print(f"stopped by {stop.name} after {kept} of {args.num_episodes} demos" +
+              (f"; they are in {out_h5}" if kept else ""), file=sys.stderr)
+        sys.exit(stop.exit_code)
     if kept < args.num_episodes:
         common.fail(f"the policy succeeded in {successes} of {attempts} episodes ({report['success_rate']:.1%}); "
              f"wrote {kept} of {args.num_episodes} demos after --max-attempts {max_attempts}: train longer or "
@@ -242,6 +252,5 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    # a plain `kill` becomes a normal exit, so the simulator worker processes are reaped, not orphaned
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    bookkeeping.exit_on_signals()  # Ctrl-C / SIGTERM: at once while it starts, after the current round while it collects
     main(tyro.cli(Args, description=__doc__))

@@ -11,6 +11,7 @@ Every user-facing failure is one line saying what was wrong and how to fix it (f
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -136,6 +137,11 @@ def load_demos(path, num_demos: int, env_id: str | None = None, obs_mode: str | 
     fix = "pass --dataset-path to a ManiSkill trajectory .h5 (its .json beside it), or omit it to use/generate cached demos"
     if not path.exists():
         raise DemoError(f"demo file {path} not found; {fix}")
+    if path.is_dir():
+        raise DemoError(f"{path} is a folder, not a ManiSkill trajectory .h5; {fix}")
+    if path.suffix == ".json":
+        raise DemoError(f"{path} is the .json half of a ManiSkill trajectory file: pass the .h5 beside it "
+                        f"({path.with_suffix('.h5')})")
     json_path = path.with_suffix(".json")
     if not json_path.exists():
         raise DemoError(f"{path} has no {json_path.name} beside it, so it is not a ManiSkill trajectory file; {fix}")
@@ -147,13 +153,16 @@ def load_demos(path, num_demos: int, env_id: str | None = None, obs_mode: str | 
     f_env, f_obs, f_ctrl = _file_modes(meta)
     if env_id is not None and f_env is not None and f_env != env_id:
         raise DemoError(f"{path} holds demos of {f_env}, not {env_id}; pass demos of {env_id} or --env-id {f_env}")
-    if obs_mode is not None and f_obs != obs_mode:
-        raise DemoError(f"{path} was recorded with obs mode {f_obs!r}, not {obs_mode!r}; convert it with "
-                        f"python -m mani_skill.trajectory.replay_trajectory --traj-path {path} -o {obs_mode} --save-traj")
-    if control_mode is not None and f_ctrl != control_mode:
-        raise DemoError(f"{path} was recorded with control mode {f_ctrl!r}, not {control_mode!r}; pass "
-                        f"--control-mode {f_ctrl}, or convert it with python -m mani_skill.trajectory.replay_trajectory "
-                        f"--traj-path {path} -c {control_mode} --use-first-env-state --save-traj")
+    other_obs, other_ctrl = obs_mode is not None and f_obs != obs_mode, control_mode is not None and f_ctrl != control_mode
+    if other_obs or other_ctrl:
+        # one command converts both, as demo_making does with the planner's files
+        obs, ctrl = obs_mode if other_obs else f_obs, control_mode if other_ctrl else f_ctrl
+        what = " and ".join([f"obs mode {f_obs!r}, not {obs_mode!r}"] * other_obs +
+                            [f"control mode {f_ctrl!r}, not {control_mode!r}"] * other_ctrl)
+        instead = f"pass --control-mode {f_ctrl}, or " if not other_obs else ""
+        raise DemoError(f"{path} was recorded with {what}; {instead}convert it with python -m mani_skill.trajectory.replay_trajectory --traj-path {path} "
+                        f"--use-first-env-state -o {obs} -c {ctrl} --save-traj --num-envs 1 and pass --dataset-path "
+                        f"{path.with_name(f'{path.stem}.{obs}.{ctrl}.physx_cpu.h5')}")
     if num_demos < 1:
         raise DemoError(f"--num-demos must be >= 1 (got {num_demos})")
     if num_demos > len(episodes):
@@ -178,6 +187,11 @@ def load_demos(path, num_demos: int, env_id: str | None = None, obs_mode: str | 
                     raise DemoError(f"{path} stores dict observations; convert it to obs mode 'state' "
                                     f"(replay_trajectory -o state)")
                 obs, act = g["obs"][()].astype(np.float32), g["actions"][()].astype(np.float32)
+                for name, x in (("observations", obs), ("actions", act)):
+                    if not np.isfinite(x).all():
+                        raise DemoError(f"{path}:{key} holds NaN or infinite {name} (first at step "
+                                        f"{int(np.argwhere(~np.isfinite(x))[0][0])}); re-record or re-convert it, or "
+                                        f"pass --num-demos to stop before it")
                 T = len(act)
                 if obs.shape[0] != T + 1 or T == 0:
                     raise DemoError(f"{path}:{key} has {obs.shape[0]} observations for {T} actions (need T+1)")
@@ -191,8 +205,11 @@ def load_demos(path, num_demos: int, env_id: str | None = None, obs_mode: str | 
                 if env_states:
                     states.append(_read_group(g["env_states"]))
     except OSError as e:
+        # deleting is advised only for a file this repository cached, which a rerun makes again
+        again = ("delete it (and its .json) and rerun to make it again" if demo_dir() in path.resolve().parents else
+                 "copy it again (an interrupted copy or download leaves such a file)")
         raise DemoError(f"{path} is not a readable HDF5 file (corrupted or truncated: {str(e).splitlines()[0]}); "
-                        f"delete it (and its .json) and rerun to regenerate, or pass another --dataset-path") from None
+                        f"{again}, or pass another --dataset-path") from None
     d = Demos(**{k: np.concatenate(v) for k, v in cols.items()}, traj_obs=traj_obs, env_states=states,
               episodes=chosen)
     if obs_dim is not None and d.obs.shape[1] != obs_dim:
@@ -213,6 +230,24 @@ def get_and_load_demos(env_id: str, obs_mode: str, control_mode: str, num_demos:
         return load_demos(path, num_demos, env_id, obs_mode, control_mode, env_states=env_states), path
     except DemoError as e:
         fail(str(e))
+
+
+def demos_digest(demos: Demos) -> str:
+    """A content hash of the demos as loaded (transitions and env states): a resume state records it, so that a run
+    is never continued on other demos than it began with, wherever the file has moved."""
+    h = hashlib.sha256()
+    for x in (demos.obs, demos.actions, demos.rewards, demos.terminated, demos.traj_end):
+        h.update(np.ascontiguousarray(x).tobytes())
+    for states in demos.env_states:
+        stack = [states]
+        while stack:
+            node = stack.pop()
+            for k in sorted(node):
+                if isinstance(node[k], dict):
+                    stack.append(node[k])
+                else:
+                    h.update(k.encode() + np.ascontiguousarray(node[k]).tobytes())
+    return h.hexdigest()
 
 
 def check_demo_dims(demos: Demos, path: Path, obs_dim: int, act_dim: int, env_id: str, control_mode: str) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import signal
 import sys
 import time
 import warnings
@@ -164,10 +163,10 @@ TASK_DEFAULTS = {
 }
 
 
-# flags that change when and what is logged or saved, or how long the run goes, never what it learns: the only ones
-# that --resume takes beside the run's args.json
+# flags that change when and what is logged or saved, or how long the run goes, never what it learns, and where the
+# run's own demos now are (their content is checked): the only ones that --resume takes beside the run's args.json
 RESUME_FLAGS = ("total-timesteps", "target-success", "target-evals", "eval-freq", "save-freq", "capture-video",
-                "no-capture-video", "num-eval-episodes")
+                "no-capture-video", "num-eval-episodes", "dataset-path")
 
 
 def parse_args(argv=None) -> Args:
@@ -535,15 +534,21 @@ def main(args: Args) -> None:
                 args.render_size if args.capture_video else None),
             dataclasses.asdict(args), args.max_episode_steps, args.num_eval_episodes, args.capture_video)
     run_dir = Path(args.resume) if args.resume else bookkeeping.new_run_dir(args.exp_name)
-    resumed = bookkeeping.load_resume_state(run_dir / bookkeeping.RESUME_FILE, ALGORITHM, SCRIPT,
-                                            args.total_timesteps)[1] if args.resume else None
+    if args.resume:  # one writer per run directory
+        bookkeeping.lock_run_dir(run_dir)
+    header, resumed = bookkeeping.load_resume_state(run_dir / bookkeeping.RESUME_FILE, ALGORITHM, SCRIPT,
+                                                    args.total_timesteps) if args.resume else ({}, None)
     rng = np.random.default_rng(args.seed)
     key = jax.random.PRNGKey(args.seed)
 
     # ---- demos, envs, networks, buffers ---------------------------------------------------------------
     # observations, actions and success only
     demos, path = common.get_and_load_demos(args.env_id, args.obs_mode, args.control_mode, args.num_demos,
-                                            args.dataset_path, env_states=False)
+                                            bookkeeping.resumed_demos_path(header, args.dataset_path),
+                                            env_states=False)
+    if args.resume:
+        bookkeeping.check_resumed_demos(header, path, common.demos_digest(demos))
+    demo_record = {"path": str(path.resolve()), "num_demos": args.num_demos, "sha256": common.demos_digest(demos)}
     envs = vector_env.make_envs(args.env_id, args.num_envs, args.sim_backend, args.obs_mode, args.control_mode)
     eval_envs = vector_env.make_envs(args.env_id, args.num_eval_envs, args.sim_backend, args.obs_mode,
                                      args.control_mode, args.render_size if args.capture_video else None)
@@ -552,11 +557,6 @@ def main(args: Args) -> None:
     if ckpt is not None and (int(ckpt["obs_dim"]), int(ckpt["act_dim"])) != (obs_dim, act_dim):
         common.fail(f"{args.checkpoint} has obs/act dims {ckpt['obs_dim']}/{ckpt['act_dim']}; {args.env_id} has "
                     f"{obs_dim}/{act_dim}")
-    bookkeeping.make_run_dir(run_dir, dataclasses.asdict(args), resuming=bool(args.resume))
-    print(f"run directory: {run_dir}", flush=True)
-    print(f"{demos.num_trajectories} demos from {path} ({int(sum(e.get('success', True) for e in demos.episodes))} "
-          f"successful, {len(demos.rewards)} transitions)", flush=True)
-
     key, k_init = jax.random.split(key)
     actor, critic, state = init_sac(args, obs_dim, act_dim, k_init)
     if ckpt is not None:
@@ -573,6 +573,11 @@ def main(args: Args) -> None:
         state, key, online, loop = restore(resumed, state, rng)
         global_step, grad_updates = loop["global_step"], loop["grad_updates"]
         print(f"resumed at env step {global_step} (online buffer {online.size})", flush=True)
+    bookkeeping.exit_if_signalled()
+    bookkeeping.make_run_dir(run_dir, dataclasses.asdict(args), resuming=bool(args.resume))
+    print(f"run directory: {run_dir}", flush=True)
+    print(f"{demos.num_trajectories} demos from {path} ({int(sum(e.get('success', True) for e in demos.episodes))} "
+          f"successful, {len(demos.rewards)} transitions)", flush=True)
     writer = bookkeeping.open_writer(run_dir, dataclasses.asdict(args), args.wandb_project_name if args.track else None,
                                      resume_step=global_step if resumed else None)
     run = bookkeeping.RunLog(run_dir, writer, args.total_timesteps, args.log_freq, args.eval_freq, args.save_freq,
@@ -658,7 +663,7 @@ def main(args: Args) -> None:
             with run.timed("save"):
                 bookkeeping.save_resume_state(run_dir / bookkeeping.RESUME_FILE, ALGORITHM, SCRIPT,
                                               dataclasses.asdict(args), global_step, 1,
-                                              resume_state(state, key, rng, online, loop, run))
+                                              resume_state(state, key, rng, online, loop, run), demos=demo_record)
             if not done:  # as after a resume
                 obs = start_episodes(np.ones(n, bool), eps, envs, rng)
     run.finish(global_step, stop if stopping else None, grad_updates=grad_updates)
@@ -669,6 +674,5 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    # until the loop takes over SIGTERM, a plain `kill` is a normal exit, so the env workers are reaped
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    bookkeeping.exit_on_signals()  # Ctrl-C / SIGTERM before the loop: exit at once (the loop then saves first)
     main(parse_args())

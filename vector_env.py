@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import gc
 import inspect
+import logging
 import multiprocessing.util  # registers multiprocessing's exit handler, before _kill_env_workers
 import os
 import signal
@@ -31,6 +32,16 @@ from gymnasium.vector import AutoresetMode
 from mani_skill.utils.wrappers.gymnasium import CPUGymWrapper
 
 import common
+
+class _SaidByTheMainProcess(logging.Filter):
+    """ManiSkill warns in every process that renders without CUDA ('Requested to use render device "sapien_cuda", but
+    CUDA device was not found ...'): 8 env workers, 8 lines. Only the main process says it (it builds one env too)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Requested to use render device" not in record.getMessage() or multiprocessing.parent_process() is None
+
+
+mani_skill.logger.addFilter(_SaidByTheMainProcess())
 
 # The physics of --sim-backend gpu. The tests set "physx_cpu" (which takes exactly 1 env) to run this whole path,
 # DLPack handoffs included, on a machine without CUDA.
@@ -262,12 +273,17 @@ def check_gpu_simulation() -> None:
 
 
 def check_env_id(env_id: str) -> None:
-    """A registered env id, or one line with gymnasium's "Did you mean"."""
+    """A registered ManiSkill env id, or one line (with gymnasium's "Did you mean" for a typo)."""
+    from mani_skill.utils.registration import REGISTERED_ENVS
+
     if env_id not in gym.registry:
         try:
             gym.spec(env_id)
         except gym.error.Error as e:
             common.fail(f"unknown env id {env_id!r}: {e}")
+    if env_id not in REGISTERED_ENVS:
+        common.fail(f"{env_id} is a gymnasium env but not a ManiSkill one; these scripts train ManiSkill3 tasks "
+                    f"(e.g. PickCube-v1, StackCube-v1, PegInsertionSide-v1)")
 
 
 def registered_horizon(env_id: str) -> Optional[int]:

@@ -220,4 +220,7 @@ def main(a: Args) -> dict:
 
 
 if __name__ == "__main__":
+    import bookkeeping
+
+    bookkeeping.exit_on_signals()  # Ctrl-C / SIGTERM: one line and an exit at once
     main(tyro.cli(Args, description=__doc__))

@@ -115,7 +115,7 @@ def test_bad_inputs_give_one_line_errors(demo_path, tmp_path):
     _one_line_error(lambda: load(good, 1, obs_dim=7), "dim 42", "has 7")
     _one_line_error(lambda: load(good, 1, act_dim=3), "actions of dim 8", "--control-mode")
     _one_line_error(lambda: load(good, 1, control_mode="pd_ee_delta_pose"), "'pd_joint_delta_pos'",
-                    "--control-mode pd_joint_delta_pos")
+                    "pass --control-mode pd_joint_delta_pos, or convert it with")
     _one_line_error(lambda: load(good, 1, obs_mode="rgb"), "obs mode 'state'", "-o rgb")
     _one_line_error(lambda: load(good, 1, env_id="StackCube-v1"), "PickCube-v1", "not StackCube-v1")
 
@@ -126,7 +126,42 @@ def test_bad_inputs_give_one_line_errors(demo_path, tmp_path):
     corrupt = _copy_pair(demo_path, tmp_path, "corrupt")
     data = corrupt.read_bytes()
     corrupt.write_bytes(data[: len(data) // 3])  # a truncated download / interrupted write
-    _one_line_error(lambda: load(corrupt, 1), "corrupt.h5", "not a readable HDF5 file", "delete it")
+    # a file of the user's: never the advice to delete it; one in the cache, which a rerun makes again: that advice
+    msg = _one_line_error(lambda: load(corrupt, 1), "corrupt.h5", "not a readable HDF5 file", "copy it again")
+    assert "delete" not in msg
+    cached = _copy_pair(corrupt, common.demo_dir() / "PickCube-v1", "corrupt")
+    try:
+        _one_line_error(lambda: load(cached, 1), "not a readable HDF5 file", "delete it (and its .json) and rerun")
+    finally:
+        cached.unlink(), cached.with_suffix(".json").unlink()
+
+    # a folder named like a trajectory file, or the .json half: said as such, never "corrupted"
+    folder = tmp_path / "folder" / "demo.h5"
+    folder.mkdir(parents=True)
+    shutil.copy(demo_path.with_suffix(".json"), folder.with_suffix(".json"))
+    _one_line_error(lambda: load(folder, 1), "is a folder, not a ManiSkill trajectory .h5")
+    _one_line_error(lambda: load(good.with_suffix(".json"), 1), "is the .json half", f"pass the .h5 beside it ({good})")
+
+    # NaN in a demo's actions: refused at load, naming the trajectory and step
+    nan = _copy_pair(demo_path, tmp_path, "nan")
+    first = json.loads(nan.with_suffix(".json").read_text())["episodes"][0]["episode_id"]
+    with h5py.File(nan, "r+") as f:
+        f[f"traj_{first}/actions"][7, 2] = np.nan
+    _one_line_error(lambda: load(nan, 1), f"nan.h5:traj_{first} holds NaN or infinite actions (first at step 7)")
+
+
+def test_a_raw_planner_file_gets_one_command_that_converts_it_and_the_command_works(demo_path, tmp_path):
+    """The motion planner records obs mode none and pd_joint_pos: the error names both and gives one conversion
+    command; run as given, it writes the file the message names, which loads."""
+    raw = next(p for p in demo_path.parent.glob("generated_*.h5") if p.name.count(".") == 1)
+    src = _copy_pair(raw, tmp_path, "raw")
+    msg = _one_line_error(lambda: common.load_demos(src, 1, ENV_ID, OBS_MODE, CONTROL_MODE),
+                          "obs mode 'none', not 'state' and control mode 'pd_joint_pos', not 'pd_joint_delta_pos'")
+    command = msg.split("convert it with ", 1)[1].split(" and pass --dataset-path ")[0]
+    target = Path(msg.rsplit("--dataset-path ", 1)[1])
+    assert command.startswith("python -m mani_skill.trajectory.replay_trajectory ")
+    subprocess.run([sys.executable, *command.split()[1:]], cwd=tmp_path, check=True, capture_output=True, timeout=600)
+    assert common.load_demos(target, 1, ENV_ID, OBS_MODE, CONTROL_MODE).num_trajectories == 1
 
 
 def test_no_planner_and_no_file_says_how_to_provide_one(asset_dir):

@@ -144,7 +144,7 @@ def test_bad_resume_inputs_are_one_line_errors_and_change_nothing(saved_run, tmp
     assert resume_error(rfcl, "--resume", str(saved_run), "--gamma", "0.5") == (
         "error: --gamma cannot be given with --resume: the run's args.json fixes it; only --total-timesteps, "
         "--target-success, --target-evals, --eval-freq, --save-freq, --capture-video, --no-capture-video, "
-        "--num-eval-episodes may change")
+        "--num-eval-episodes, --dataset-path may change")
     assert resume_error(rfcl, "--resume", str(saved_run), "--env-id", "PushCube-v1").startswith(
         "error: --env-id cannot be given with --resume")
     assert resume_error(rlpd, "--resume", str(saved_run)) == (
@@ -205,8 +205,8 @@ def run_in_process(module, argv, cwd, monkeypatch, keep=False):
     """module.main as `python module.py argv` in cwd; with keep, a copy of every resume state it writes."""
     original = bookkeeping.save_resume_state
 
-    def save_and_keep(path, algorithm, script, config, step, stage, payload):
-        original(path, algorithm, script, config, step, stage, payload)
+    def save_and_keep(path, algorithm, script, config, step, stage, payload, **k):
+        original(path, algorithm, script, config, step, stage, payload, **k)
         shutil.copy(path, path.with_name(f"resume_{step}.state"))
 
     with monkeypatch.context() as m:
@@ -298,3 +298,32 @@ def test_target_success_ends_a_run_as_finished(demo_path, tmp_path, monkeypatch)
 
 if __name__ == "__main__":
     sys.exit(pytest.main([str(Path(__file__))]))
+
+
+def test_resume_continues_only_on_the_demos_the_run_began_with(demo_path, tmp_path, monkeypatch):
+    """The resume state records the demos (path, count, content hash): other demos at the same path are refused with
+    one line; a moved file is given with --dataset-path and checked by content."""
+    import h5py
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    data = mine / "demos.h5"
+    shutil.copy(demo_path, data), shutil.copy(demo_path.with_suffix(".json"), data.with_suffix(".json"))
+    run_in_process(rlpd, [*SMALL, "--save-freq", "64", "--total-timesteps", "64", "--exp-name", "d",
+                          "--dataset-path", str(data)], tmp_path, monkeypatch)
+    header = bookkeeping.read_resume_header(tmp_path / "runs" / "d" / bookkeeping.RESUME_FILE)
+    assert header["demos"]["path"] == str(data.resolve()) and header["demos"]["num_demos"] == 2
+    moved = tmp_path / "moved.h5"
+    shutil.move(data, moved), shutil.move(data.with_suffix(".json"), moved.with_suffix(".json"))
+    shutil.copy(moved, data), shutil.copy(moved.with_suffix(".json"), data.with_suffix(".json"))
+    with h5py.File(data, "r+") as f:  # other demos at the same path: one action changed
+        f["traj_0/actions"][3] = f["traj_0/actions"][3] * 0.5
+    resume = ["--resume", "runs/d", "--total-timesteps", "128"]
+    with pytest.raises(SystemExit) as e:
+        run_in_process(rlpd, resume, tmp_path, monkeypatch)
+    assert str(e.value.code) == (f"error: {data} holds other demos than the run began with (2 demos of "
+                                 f"{data.resolve()}, sha256 {header['demos']['sha256'][:12]}...); put that file back, "
+                                 f"or pass --dataset-path to a copy of it")
+    data.unlink()
+    run_in_process(rlpd, [*resume, "--dataset-path", str(moved)], tmp_path, monkeypatch)  # the same demos, moved
+    assert json.loads((tmp_path / "runs" / "d" / "summary.json").read_text())["global_step"] == 128

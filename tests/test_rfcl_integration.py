@@ -75,6 +75,7 @@ def test_bad_input_errors_are_one_line(tiny_run, demo_path, tmp_path, monkeypatc
     cases = [
         (["--env-id", "PickCub-v1"], "error: unknown env id 'PickCub-v1': Environment `PickCub` doesn't exist. "
                                      "Did you mean: `PickCube`?"),
+        (["--env-id", "CartPole-v1"], "error: CartPole-v1 is a gymnasium env but not a ManiSkill one"),
         (["--dataset-path", str(demo_path), "--num-demos", "500"], "error: --num-demos 500 but"),
         (["--dataset-path", str(tmp_path / "missing.h5")], "error: demo file"),
         (["--evaluate", "--checkpoint", str(tmp_path / "none.ckpt")], "error: checkpoint"),
@@ -159,3 +160,101 @@ def test_ctrl_c_and_sigterm_are_the_same_stop_request_and_a_second_one_stops_at_
             assert e.value.code == 128 + sig
         finally:
             stop.restore()
+
+
+def test_the_render_device_warning_is_printed_once_at_most(tiny_run):
+    """Only eval env 0 renders (the videos); the other env processes have no renderer, so no warning of its own."""
+    _, _, proc = tiny_run
+    assert proc.stderr.count("Requested to use render device") <= 1, proc.stderr[-2000:]
+
+
+def started(proc, path, timeout=240) -> None:
+    """Wait for `path` to appear while `proc` runs."""
+    import time
+
+    t0 = time.time()
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t0 < timeout, f"{path} never appeared"
+        time.sleep(0.2)
+
+
+def stopped(proc, sig, within=60) -> tuple[int, str]:
+    """Send `sig` and return (exit code, last stderr line) once it exits, which must be within `within` seconds."""
+    import subprocess
+
+    proc.send_signal(sig)
+    try:
+        _, err = proc.communicate(timeout=within)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"{sig.name} did not stop it within {within} s")
+    return proc.returncode, [line for line in err.splitlines() if line.strip()][-1]
+
+
+def spawn(args, cwd):
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, str(ROOT / "rfcl.py"), *args], cwd=cwd, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stop_signal_during_start_up_exits_at_once_and_leaves_nothing(sig, tiny_run, tmp_path):
+    """While the env workers are being built nothing is written yet: the run exits at once with one line, and its
+    name is free for the rerun."""
+    import time
+
+    cwd, _, _ = tiny_run
+    proc = spawn(["--exp-name", f"early_{sig.name}", *TINY], cwd)
+    time.sleep(8)  # imports done, demos loaded, env workers being built (it takes 20-40 s on 2 cores)
+    assert proc.poll() is None and not (cwd / "runs" / f"early_{sig.name}").exists()
+    code, line = stopped(proc, sig)
+    assert (code, line) == (128 + sig, f"stopped by {sig.name}")
+    assert not (cwd / "runs" / f"early_{sig.name}").exists()
+
+
+def test_ctrl_c_stops_an_evaluation_and_leaves_no_half_made_run(tiny_run):
+    """--evaluate used to ignore Ctrl-C and SIGTERM (gymnasium builds one env in the main process, whose worker
+    set-up ignored both there); now it stops at once and removes the run directory it had begun."""
+    cwd, run_dir, _ = tiny_run
+    proc = spawn(["--evaluate", "--checkpoint", str(run_dir / "checkpoints/final.ckpt"), "--exp-name", "long_eval",
+                  "--num-eval-envs", "2", "--num-eval-episodes", "400", "--no-capture-video"], cwd)
+    started(proc, cwd / "runs" / "long_eval" / "args.json")
+    code, line = stopped(proc, signal.SIGINT, within=30)
+    assert (code, line) == (130, "stopped by SIGINT")
+    assert not (cwd / "runs" / "long_eval").exists()
+
+
+def test_a_run_directory_has_one_writer(tiny_run, tmp_path, monkeypatch):
+    """A second process meets the first's lock with one line naming it (a requeued Slurm job whose predecessor has
+    not exited, a run started twice); the lock goes with the process that held it."""
+    import subprocess
+    import sys
+
+    import bookkeeping
+    import rfcl
+
+    cwd, run_dir, _ = tiny_run
+    holder = subprocess.Popen([sys.executable, "-c", f"import bookkeeping, pathlib, time; "
+                               f"bookkeeping.lock_run_dir(pathlib.Path({str(run_dir)!r})); print('locked', flush=True); "
+                               f"time.sleep(120)"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        monkeypatch.chdir(cwd)
+        with pytest.raises(SystemExit) as e:
+            rfcl.main(rfcl.parse_args(["--resume", str(run_dir), "--total-timesteps", "960"]))
+        assert str(e.value.code).startswith(f"error: {run_dir} is in use by pid {holder.pid} on ")
+        assert str(e.value.code).endswith("wait for it to end or stop it (Ctrl-C or kill: it saves and exits), "
+                                          "then run this again")
+    finally:
+        holder.kill()
+        holder.wait()
+    # two new runs with one name: the one that finds the directory made meanwhile stops with one line
+    made = tmp_path / "runs" / "twice"
+    made.mkdir(parents=True)
+    with pytest.raises(SystemExit, match="was just made by another process; pass another --exp-name"):
+        bookkeeping.make_run_dir(made, {})
+    bookkeeping.lock_run_dir(run_dir)  # the holder's lock went with it
+    bookkeeping._LOCKS.pop().close()

@@ -1,6 +1,5 @@
 """The SAC core that rfcl.py and rlpd.py each write out (on purpose, CleanRL style): tested on both."""
 
-import dataclasses
 
 import numpy as np
 import pytest
