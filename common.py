@@ -160,7 +160,8 @@ def load_demos(path, num_demos: int, env_id: str | None = None, obs_mode: str | 
         what = " and ".join([f"obs mode {f_obs!r}, not {obs_mode!r}"] * other_obs +
                             [f"control mode {f_ctrl!r}, not {control_mode!r}"] * other_ctrl)
         instead = f"pass --control-mode {f_ctrl}, or " if not other_obs else ""
-        raise DemoError(f"{path} was recorded with {what}; {instead}convert it with python -m mani_skill.trajectory.replay_trajectory --traj-path {path} "
+        raise DemoError(f"{path} was recorded with {what}; {instead}convert it with python -m "
+                        f"mani_skill.trajectory.replay_trajectory --traj-path {path} "
                         f"--use-first-env-state -o {obs} -c {ctrl} --save-traj --num-envs 1 and pass --dataset-path "
                         f"{path.with_name(f'{path.stem}.{obs}.{ctrl}.physx_cpu.h5')}")
     if num_demos < 1:

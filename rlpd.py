@@ -209,7 +209,8 @@ def check_args(args: Args) -> None:
     if args.batch_size % 2:
         common.fail("--batch-size must be even (half online, half offline)")
     if not 1 <= args.num_min_qs <= args.num_qs:
-        common.fail(f"--num-min-qs must be in 1..--num-qs ({args.num_qs}), got {args.num_min_qs}")
+        common.fail(f"--num-min-qs must be in 1..--num-qs ({args.num_qs}), got {args.num_min_qs} (--preset "
+                    f"{args.preset}'s value unless given); pass --num-min-qs with a value up to {args.num_qs}")
     if args.evaluate and not args.checkpoint:
         common.fail("--evaluate needs --checkpoint PATH")
     if args.sim_backend == "gpu":

@@ -98,6 +98,9 @@ def test_bad_input_errors_are_one_line(tiny_run, demo_path, tmp_path, monkeypatc
         (["--demo-horizon-to-max-steps-ratio", "0"], "error: --demo-action-scale, --demo-horizon-to-max-steps-ratio "
                                                      "and --plr-temperature must be > 0, got 1.0, 0.0 and 0.1"),
         (["--num-seeds", "0"], "error: --num-seeds must be >= 1, got 0"),
+        (["--preset", "sample-efficient", "--num-qs", "1"], "error: --num-min-qs must be in 1..--num-qs (1), got 2 "
+                                                            "(--preset sample-efficient's value unless given); pass "
+                                                            "--num-min-qs with a value up to 1"),
         (["--plr-staleness-coef", "1.5"], "error: --plr-staleness-coef is a mixing weight in [0, 1], got 1.5"),
         (["--env-id", "PickSingleYCB-v1", "--sim-backend", "gpu", "--num-envs", "4"],
          "error: PickSingleYCB-v1 draws each episode's scene (objects, sizes) from its seed, while a GPU-batched env"),
