@@ -34,6 +34,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 import common
+import stop_signals
 from common import fail
 
 ROOT = Path(__file__).resolve().parent
@@ -158,28 +159,6 @@ def lock_run_dir(run_dir: Path) -> None:
     f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     f.flush()
     _LOCKS.append(f)
-
-
-def exit_on_signals() -> None:
-    """Ctrl-C (SIGINT) or SIGTERM before a run's loop takes them over (StopRequest): one line and an exit at once;
-    nothing has been written yet (the run directory is made just before the loop), and the env workers are ended on
-    exit. A script calls it first thing."""
-    def stop(signum, frame):
-        _SIGNALLED.append(signal.Signals(signum).name)
-        print(f"stopped by {_SIGNALLED[-1]}", file=sys.stderr, flush=True)
-        raise SystemExit(128 + signum)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, stop)
-
-
-_SIGNALLED = []  # a start-up signal whose SystemExit was swallowed (raised inside a gc callback) is still honoured
-
-
-def exit_if_signalled() -> None:
-    """Before a run writes anything: a start-up signal that did not end the process ends it now."""
-    if _SIGNALLED:
-        raise SystemExit(130 if _SIGNALLED[0] == "SIGINT" else 143)
 
 
 def check_wandb() -> None:
@@ -383,12 +362,12 @@ def evaluate_checkpoint(ckpt: dict, path: str, run_dir: Path, make_envs: Callabl
         envs.close()
         fail(f"{path} expects obs/action dims {ckpt['obs_dim']}/{ckpt['act_dim']}, the env has "
              f"{envs.obs_dim}/{envs.act_dim}")
-    exit_if_signalled()
+    stop_signals.exit_if_signalled()
     make_run_dir(run_dir, config)
     try:
         metrics = common.evaluate(envs, act, max_episode_steps, num_episodes,
                                   str(run_dir / "videos" / "eval.mp4") if video else None)
-    except BaseException:  # Ctrl-C or SIGTERM (exit_on_signals): nothing complete to keep, nothing to block a rerun
+    except BaseException:  # Ctrl-C or SIGTERM (stop_signals.py): nothing complete to keep, nothing to block a rerun
         shutil.rmtree(run_dir, ignore_errors=True)
         envs.close(now=True)
         raise

@@ -10,6 +10,8 @@ built by the script that wrote the checkpoint (a copy of rfcl.py or rlpd.py with
 
 from __future__ import annotations
 
+import stop_signals  # first: from here on Ctrl-C or SIGTERM exits with one line, during the slow imports too
+
 import json
 import multiprocessing
 import os
@@ -202,6 +204,7 @@ def main(args: Args) -> None:
             rec.close()
             common.fail(f"{ckpt['env_id']} with {ckpt['control_mode']} has obs/action dims {rec.obs_dim}/{rec.act_dim}, "
                  f"the checkpoint expects {ckpt['obs_dim']}/{ckpt['act_dim']}")
+        stop_signals.exit_if_signalled()
         kept = attempts = successes = videos = 0
         pbar = tqdm(total=args.num_episodes, unit="demo", dynamic_ncols=True)
         stop = bookkeeping.StopRequest()  # Ctrl-C / SIGTERM: the episodes kept so far are written, then it exits
@@ -252,5 +255,5 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    bookkeeping.exit_on_signals()  # Ctrl-C / SIGTERM: at once while it starts, after the current round while it collects
+    stop_signals.exit_if_signalled()  # a Ctrl-C during the imports whose exit a library dropped
     main(tyro.cli(Args, description=__doc__))

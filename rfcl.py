@@ -9,6 +9,8 @@ checkpoints, resume states). To start your own variant, copy this file under a n
 
 from __future__ import annotations
 
+import stop_signals  # first: from here on Ctrl-C or SIGTERM exits with one line, during the slow imports too
+
 import collections
 import dataclasses
 import json
@@ -813,7 +815,7 @@ def main(args: Args) -> None:
             "global_step", "stage", "stage1_end_step", "grad_updates"))
         print(f"resumed at env step {global_step} (stage {stage}, online buffer {online.size}, offline buffer "
               f"{offline.size})", flush=True)
-    bookkeeping.exit_if_signalled()
+    stop_signals.exit_if_signalled()
     bookkeeping.make_run_dir(run_dir, dataclasses.asdict(args), resuming=bool(args.resume))
     print(f"run directory: {run_dir}", flush=True)
     print(f"{demos.num_trajectories} demos from {path} (lengths {demos.lengths.tolist()})", flush=True)
@@ -938,5 +940,5 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    bookkeeping.exit_on_signals()  # Ctrl-C / SIGTERM before the loop: exit at once (the loop then saves first)
+    stop_signals.exit_if_signalled()  # a Ctrl-C during the imports whose exit a library dropped
     main(parse_args())

@@ -9,6 +9,8 @@ your own variant, copy this file under a new name and edit it (README).
 
 from __future__ import annotations
 
+import stop_signals  # first: from here on Ctrl-C or SIGTERM exits with one line, during the slow imports too
+
 import dataclasses
 import json
 import sys
@@ -575,7 +577,7 @@ def main(args: Args) -> None:
         state, key, online, loop = restore(resumed, state, rng)
         global_step, grad_updates = loop["global_step"], loop["grad_updates"]
         print(f"resumed at env step {global_step} (online buffer {online.size})", flush=True)
-    bookkeeping.exit_if_signalled()
+    stop_signals.exit_if_signalled()
     bookkeeping.make_run_dir(run_dir, dataclasses.asdict(args), resuming=bool(args.resume))
     print(f"run directory: {run_dir}", flush=True)
     print(f"{demos.num_trajectories} demos from {path} ({int(sum(e.get('success', True) for e in demos.episodes))} "
@@ -676,5 +678,5 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    bookkeeping.exit_on_signals()  # Ctrl-C / SIGTERM before the loop: exit at once (the loop then saves first)
+    stop_signals.exit_if_signalled()  # a Ctrl-C during the imports whose exit a library dropped
     main(parse_args())

@@ -26,17 +26,20 @@ k < N), each for the run's eval horizon: where a policy that has left the demos 
 
 from __future__ import annotations
 
-import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
-
-import numpy as np
-import tyro
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import stop_signals  # noqa: E402  first: from here on Ctrl-C or SIGTERM exits with one line, the slow imports too
+
+import json  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from typing import Optional  # noqa: E402
+
+import numpy as np  # noqa: E402
+import tyro  # noqa: E402
+
 NOT_FLAGS = ("success", "fail", "success_once", "success_at_end")  # success is its own column; fail is the env's
 
 
@@ -87,6 +90,7 @@ def probe(a: Args) -> dict:
     import common
     import vector_env
 
+    stop_signals.exit_if_signalled()  # a Ctrl-C during these imports whose exit a library dropped
     ckpt = bookkeeping.load_checkpoint(a.checkpoint)
     script = bookkeeping.checkpoint_script(ckpt, a.checkpoint, a.script)
     targs = script.Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(ckpt["args"]).items()})
@@ -220,7 +224,4 @@ def main(a: Args) -> dict:
 
 
 if __name__ == "__main__":
-    import bookkeeping
-
-    bookkeeping.exit_on_signals()  # Ctrl-C / SIGTERM: one line and an exit at once
     main(tyro.cli(Args, description=__doc__))

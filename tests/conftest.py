@@ -55,6 +55,46 @@ def run_script(args, cwd, timeout=600, check=True):
     return proc
 
 
+def interrupted(args, cwd, sig, after: float = 0.0, once: str = "", group: bool = True, within: float = 60):
+    """Run a repo script as a user would and stop it as a terminal's Ctrl-C does (the signal to its whole process
+    group, env workers included; group=False: to the process only, as `kill` does), `after` seconds from its start
+    or once its stderr shows `once`. Returns (exit code, the non-empty stderr lines, tqdm's included)."""
+    import signal
+    import threading
+    import time
+
+    proc = subprocess.Popen([sys.executable, *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True)
+    err = []
+    reader = threading.Thread(target=lambda: err.extend(iter(lambda: proc.stderr.read(1), "")), daemon=True)
+    reader.start()
+    t0 = time.time()
+    try:
+        while time.time() - t0 < after or once not in "".join(err):
+            assert proc.poll() is None, f"{args} ended ({proc.returncode}) before the signal:\n{''.join(err)[-3000:]}"
+            assert time.time() - t0 < 300, f"{once!r} never appeared:\n{''.join(err)[-3000:]}"
+            time.sleep(0.05)
+        (os.killpg if group else os.kill)(proc.pid, sig)
+        proc.wait(timeout=within)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"{signal.Signals(sig).name} did not stop {args} within {within} s")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    reader.join(timeout=10)
+    for _ in range(100):  # its env workers end with it
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"processes of {args} outlived it")
+    lines = "".join(err).replace("\r", "\n").splitlines()
+    return proc.returncode, [line.strip() for line in lines if line.strip()]
+
+
 def error_line(proc) -> str:
     """The last stderr line of a failed run: our one-line user errors start with 'error: '."""
     lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]

@@ -1,12 +1,13 @@
 """benchmarks/learning.py: log parsing, time-to-threshold and plotting on synthetic runs (real tensorboard writer)."""
 
 import json
+import signal
 import sys
 
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, interrupted
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import learning  # noqa: E402
@@ -234,3 +235,22 @@ def test_frontier_probe_reports_pull_cube_tools_stages(asset_dir, tmp_path):
     out = frontier.main(frontier.Args(str(ckpt), initial_states=1, out=str(tmp_path / "pct")))
     assert out["rows"][0]["flags"] == {"is_tool_grasped": False, "is_tool_behind_cube": False}
     assert "is_tool_behind_cube" in (tmp_path / "pct.md").read_text()
+
+
+def test_ctrl_c_stops_the_frontier_probe_at_once_with_one_line(demo_path, tmp_path):
+    """Mid-probe, Ctrl-C to the process group (as a terminal sends it): one line, exit 130, no --out half written."""
+    import jax
+
+    import bookkeeping
+    import rfcl
+
+    args = rfcl.Args(num_demos=1)
+    _, _, state = rfcl.init_sac(args, 42, 8, jax.random.PRNGKey(0))
+    ckpt = tmp_path / "fresh.ckpt"
+    bookkeeping.save_checkpoint(ckpt, rfcl.checkpoint_meta(args, 42, 8), rfcl.networks(state), 0)
+    code, lines = interrupted([str(ROOT / "benchmarks" / "frontier.py"), str(ckpt), "--dataset-path", str(demo_path),
+                               "--every", "1", "--stochastic", "3", "--out", str(tmp_path / "probe")], tmp_path,
+                              signal.SIGINT, once="'start': 1}", within=20)
+    assert code == 130 and lines[-1] == "stopped by SIGINT", lines
+    assert not [line for line in lines if "Traceback" in line or "Error" in line], lines
+    assert not list(tmp_path.glob("probe*"))

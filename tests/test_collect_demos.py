@@ -1,6 +1,8 @@
 """collect_demos.py round trip on real ManiSkill: checkpoint -> trajectories -> common.py / ManiSkill replay."""
 
 import json
+import re
+import signal
 import subprocess
 import sys
 
@@ -12,7 +14,7 @@ import pytest
 import bookkeeping
 import common
 import rfcl
-from conftest import ROOT, error_line, run_script
+from conftest import ROOT, error_line, interrupted, run_script
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +113,23 @@ def test_bad_checkpoints_and_a_too_weak_policy_give_one_line_errors(checkpoint, 
                       tmp_path, check=False)
     assert proc.returncode != 0
     assert error_line(proc).startswith("error: the policy succeeded in 0 of 2 episodes (0.0%); wrote 0 of 2 demos")
+
+
+def test_ctrl_c_keeps_the_demos_collected_so_far_and_ends_at_once_while_it_starts(checkpoint, asset_dir, tmp_path):
+    """Ctrl-C (to the process group, as a terminal sends it) while collecting: the round under way ends, the episodes
+    kept so far are written as a complete, loadable file, and one line says where. While it starts (1 s in, in its
+    imports): one line, nothing written."""
+    args = [str(ROOT / "collect_demos.py"), str(checkpoint), "--num-envs", "2", "--num-episodes", "200",
+            "--no-only-successful", "--output-dir", str(tmp_path / "out")]
+    code, lines = interrupted(args, tmp_path, signal.SIGINT, once="| 4/200")
+    assert code == 130 and not [line for line in lines if "Traceback" in line or "Error" in line], lines
+    kept, path = re.fullmatch(r"stopped by SIGINT after (\d+) of 200 demos; they are in (.+\.h5)", lines[-1]).groups()
+    assert 4 <= int(kept) < 200
+    demos = common.load_demos(path, int(kept), "PickCube-v1", "state", "pd_joint_delta_pos", 42, 8)
+    assert demos.lengths.tolist() == [12] * int(kept)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([path.split("/")[-1],
+                                                                         path.split("/")[-1][:-3] + ".json"])
+
+    code, lines = interrupted(args[:-1] + [str(tmp_path / "early")], tmp_path, signal.SIGINT, after=1.0, within=10)
+    assert (code, lines) == (130, ["stopped by SIGINT"])
+    assert not (tmp_path / "early").exists()

@@ -1,0 +1,81 @@
+"""Ctrl-C and SIGTERM from a script's first line: read it when a stop signal does not do what you expect.
+
+Each entry script (rfcl.py, rlpd.py, collect_demos.py, benchmarks/frontier.py, and your copy of one) imports this
+module before anything else. Its imports that follow take seconds (JAX, torch, ManiSkill), and there Python's own
+Ctrl-C prints a traceback from deep inside one of them, or is lost: trimesh catches BaseException around an import,
+JAX's gc callback drops what is raised in it, and the run goes on to train. From here until a loop takes the signals
+over (bookkeeping.StopRequest, which saves first), either signal prints one line, "stopped by SIGINT", ends the env
+workers and exits (130, or 143 for SIGTERM); nothing has been written by then. An exit that is still dropped happens
+at the script's next exit_if_signalled. Imported by a test or a notebook, this module changes no handler.
+"""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+
+_SIGNALLED = []  # the signals received; see exit_if_signalled
+_IMPORTS_DONE = []  # set by the script's first exit_if_signalled, once its slow imports are done
+
+
+def _stop(signum, frame):
+    if _in_gc_callback(frame):  # an exception raised here would be printed and dropped: deliver the signal again
+        threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+        return
+    _SIGNALLED.append(signal.Signals(signum).name)
+    print(f"stopped by {_SIGNALLED[-1]}", file=sys.stderr, flush=True)
+    if not _IMPORTS_DONE:  # nothing to clean up yet, and an exception raised inside a library's import may be
+        os._exit(128 + signum)  # dropped (trimesh) or turned into another one (a class's __set_name__)
+    _exit()
+
+
+def _exit():
+    for worker in multiprocessing.active_children():  # env workers: they hold nothing to save, and left alive they
+        worker.kill()  # would print a traceback each once this process has closed their pipes
+    raise SystemExit(130 if _SIGNALLED[0] == "SIGINT" else 143)
+
+
+def _in_gc_callback(frame) -> bool:
+    """Is a gc callback (JAX registers one) on the stack? The garbage collector reports and drops its exceptions."""
+    codes = {getattr(cb, "__code__", None) for cb in gc.callbacks}
+    while frame is not None:
+        if frame.f_code in codes:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def exit_on_signals() -> None:
+    """Ctrl-C (SIGINT) or SIGTERM: one line and an exit at once."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _stop)
+
+
+def exit_if_signalled() -> None:
+    """A signal whose SystemExit was dropped ends the process here. Each script calls it once its slow imports are
+    done (until then a signal ends the process at once, without clean-up: there is nothing to clean up), and again
+    just before it writes anything."""
+    _IMPORTS_DONE.append(True)
+    if _SIGNALLED:
+        _exit()
+
+
+def _importer() -> str:
+    """__name__ of the module whose import statement runs this one: "__main__" for `python rfcl.py`, "__mp_main__"
+    when an env worker (a spawned process) imports the script again to find its functions."""
+    frame = sys._getframe(2)  # past this function and this module's body
+    while frame is not None and frame.f_code.co_filename.startswith("<frozen importlib"):
+        frame = frame.f_back
+    return frame.f_globals.get("__name__", "") if frame is not None else ""
+
+
+_IMPORTER = _importer()
+if _IMPORTER == "__main__":
+    exit_on_signals()
+elif _IMPORTER == "__mp_main__":  # an env worker: Ctrl-C reaches the whole process group; the main process decides
+    for _sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_sig, signal.SIG_IGN)
