@@ -77,7 +77,7 @@ def interrupted(args, cwd, sig, after: float = 0.0, once: str = "", group: bool 
         (os.killpg if group else os.kill)(proc.pid, sig)
         proc.wait(timeout=within)
     except subprocess.TimeoutExpired:
-        raise AssertionError(f"{signal.Signals(sig).name} did not stop {args} within {within} s")
+        raise AssertionError(f"{signal.Signals(sig).name} did not stop {args} within {within} s") from None
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -191,7 +191,7 @@ def stopped(proc, sig, within=60) -> tuple[int, str]:
         _, err = proc.communicate(timeout=within)
     except subprocess.TimeoutExpired:
         proc.kill()
-        raise AssertionError(f"{sig.name} did not stop it within {within} s")
+        raise AssertionError(f"{sig.name} did not stop it within {within} s") from None
     return proc.returncode, [line for line in err.splitlines() if line.strip()][-1]
 
 
