@@ -16,8 +16,9 @@ Executors:
                     requeued; the requeued job runs the same line, which now resumes.
   * submitit-local: submitit's local executor (same code path as slurm, no cluster; the tests use it).
 Writes <out>/<name>.png (eval success_at_end vs env steps, a panel per task, a line per config, mean and min-max
-over seeds), <out>/<name>.md (for every run: env steps and wall-clock of training to 0.5 and 0.9 of success_at_end
-and success_once, RFCL's stage-1 end, the last eval, how the run ended, env steps/s, the machine) and
+over seeds, each seed's own curve thin; with --paper the published points too), <out>/<name>.md (for every run: env steps and wall-clock of training to 0.5 and 0.9 of success_at_end
+and success_once, RFCL's stage-1 end, the last eval, how the run ended, env steps/s, the machine; with --paper a
+second table with the published numbers beside each task's seeds) and
 <out>/<name>.json (the same with the curves). A run whose folder is not under --root (it ran on another machine, or
 its disk was wiped) keeps the row and curve it had in the previous <out>/<name>.json, and says so.
 """
@@ -35,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
+import numpy as np
 import tyro
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,6 +77,9 @@ class Args:
     """output file stem"""
     machine: str = "-"
     """the table's machine for runs whose summary.json does not record one (made before it did)"""
+    paper: Optional[str] = None
+    """published numbers to compare with, e.g. benchmarks/paper_rfcl.json: marked on each of its tasks' panels, and
+    set beside the runs in a second table (success at 1M and 2M env steps, steps to 0.9, stage-1 end)"""
     out: str = "benchmarks/results"
 
 
@@ -246,6 +251,106 @@ def previous_report(path: Path) -> dict:
             if Path(r["run"]).name in curves}
 
 
+def read_paper(path: Optional[str]) -> dict:
+    """--paper's file: {"label", "source", "configs": the suite configs its numbers are for (add your copy's, e.g.
+    "my_rfcl:5"), "tasks": {ENV_ID: {"reach_0.9", "at_1M", "at_2M", "stage1_end"}}}."""
+    if path is None:
+        return {"tasks": {}, "configs": []}
+    try:
+        paper = json.loads(Path(path).read_text())
+        missing = [key for key in ("label", "source", "configs", "tasks") if key not in paper]
+        if missing:
+            raise ValueError(f"no {', '.join(missing)}")
+        for env, numbers in paper["tasks"].items():
+            if set(numbers) != set(PAPER_KEYS):
+                raise ValueError(f"{env} has {sorted(numbers)}, not {list(PAPER_KEYS)}")
+        return paper
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise SystemExit(f"error: --paper {path}: not a readable file of published numbers ({e}); see "
+                         f"benchmarks/paper_rfcl.json for the format") from None
+
+
+PAPER_KEYS = ("reach_0.9", "at_1M", "at_2M", "stage1_end")
+
+
+def mark_paper(ax, paper: dict, env: str, xmax: int) -> None:
+    """The published points within the panel's budget, as black stars, and its stage-1 end as a dotted line."""
+    p = paper["tasks"][env]
+    points = [(x, y) for x, y in ((p["reach_0.9"], 0.9), (1_000_000, p["at_1M"]), (2_000_000, p["at_2M"]))
+              if x is not None and y is not None and x <= xmax]
+    if points:
+        ax.plot(*zip(*points), "k*", ms=8, label=f"{paper['label']} (read from its figure)")
+    if p["stage1_end"] is not None and p["stage1_end"] <= xmax:
+        ax.axvline(p["stage1_end"], color="k", lw=0.8, ls=":", label=f"{paper['label']}: stage-1 end")
+
+
+def success_at(curve: dict, step: int):
+    """Eval success_at_end of a run at `step` env steps: its last eval at or before it, once the run has got there
+    (within 2%, the last eval before a budget's end); else None."""
+    steps = np.asarray(curve["steps"])
+    if steps[-1] < 0.98 * step:
+        return None
+    return float(np.asarray(curve["success"])[steps <= step][-1])
+
+
+def paper_rows(rows: list[dict], curves_out: dict, paper: dict) -> list[dict]:
+    """Per task of the paper's and config: each seed's numbers beside the paper's."""
+    out = []
+    for key, curves in curves_out.items():
+        env, config = key.split(" ", 1)
+        if env not in paper["tasks"] or config not in paper["configs"]:
+            continue
+        runs = [r for r in rows if (r["task"], r["config"]) == (env, config)]
+        seeds = []
+        for c, r in zip(curves, runs):
+            seeds.append({"run": Path(r["run"]).name, "steps_to_0.9": r["steps_to_0.9"],
+                          "at_1M": success_at(c, 1_000_000), "at_2M": success_at(c, 2_000_000),
+                          "stage1_end": r["stage1_end_step"], "last": (r["final_success"], r["final_step"]),
+                          "ended": r["ended"]})
+        out.append({"task": env, "config": config, "seeds": seeds, "paper": paper["tasks"][env]})
+    return out
+
+
+def paper_markdown(beside: list[dict], paper: dict) -> str:
+    """Each task's seeds (one value per seed, in seed order) beside the paper's numbers."""
+    def k(steps):
+        return f"{steps / 1e6:.2f}M" if steps >= 1_000_000 else f"{steps / 1000:.0f}k"
+
+    def at(s, key):
+        if s[key] is not None:
+            return f"{s[key]:.2f}"
+        if s["ended"] == "target reached":  # a run that met --target-success stopped there
+            return f"target met at {k(s['last'][1])}"
+        return f"{'ended' if s['ended'] == 'budget' else 'not yet'}: {s['last'][0]:.2f} at {k(s['last'][1])}"
+
+    def reach(s):
+        return k(s["steps_to_0.9"]) if s["steps_to_0.9"] is not None else "not reached"
+
+    def stage1(s):
+        return k(s["stage1_end"]) if s["stage1_end"] is not None else "not reached"
+
+    def median(values):
+        v = [x for x in values if x is not None]
+        return f"; median {k(int(np.median(v)))}" if len(v) > 1 and len(v) == len(values) else ""
+
+    def paper_value(v, steps=False):
+        return "not within 2M" if v is None else f"~{k(v)}" if steps else f"~{v:.2f}"
+
+    lines = [f"Beside {paper['label']}: {paper['source']}", "",
+             "| task | config | seeds | eval success_at_end 0.9 at | paper | at 1M | paper | at 2M | paper | "
+             "stage 1 ends | paper |", "|" + " --- |" * 11]
+    for b in beside:
+        s, p = b["seeds"], b["paper"]
+        lines.append(
+            f"| {b['task']} | {b['config']} | {len(s)} | {', '.join(map(reach, s))}"
+            f"{median([x['steps_to_0.9'] for x in s])} | {paper_value(p['reach_0.9'], True)} | "
+            f"{', '.join(at(x, 'at_1M') for x in s)} | {paper_value(p['at_1M'])} | "
+            f"{', '.join(at(x, 'at_2M') for x in s)} | {paper_value(p['at_2M'])} | "
+            f"{', '.join(map(stage1, s))}{median([x['stage1_end'] for x in s])} | "
+            f"{paper_value(p['stage1_end'], True)} |")
+    return "\n".join(lines) + "\n"
+
+
 def report(a: Args, specs: list[RunSpec]) -> dict:
     """One figure (a panel per task, a line per config) and one table over all runs that have eval events."""
     import matplotlib
@@ -256,6 +361,7 @@ def report(a: Args, specs: list[RunSpec]) -> dict:
 
     out = Path(a.out)
     previous = previous_report(out / f"{a.name}.json")
+    paper = read_paper(a.paper)
     envs = list(dict.fromkeys(s.env_id for s in specs))
     fig, axes = plt.subplots(1, len(envs), figsize=(4.2 * len(envs), 3.6), dpi=100, squeeze=False)
     rows, curves_out = [], {}
@@ -289,9 +395,14 @@ def report(a: Args, specs: list[RunSpec]) -> dict:
                 rows.append({"task": env, "config": config, **row, **where})
             seeds = f"{len(curves)} seed" + ("s" if len(curves) > 1 else "")
             learning.band(ax, curves, f"{algo.upper()}, {n} demos ({seeds})")
+            if len(curves) > 1:  # how much of one curve is luck
+                for c in curves:
+                    ax.plot(c["steps"], c["success"], color=ax.get_lines()[-1].get_color(), lw=0.6, alpha=0.6)
         if not ax.get_lines():  # the panel stays, empty over the task's budget, so the grid's shape is visible
             ax.set_xlim(0, max(s.total for s in specs if s.env_id == env))
             ax.text(0.5, 0.5, "no eval yet", transform=ax.transAxes, ha="center", color="gray")
+        if env in paper["tasks"]:
+            mark_paper(ax, paper, env, max(s.total for s in specs if s.env_id == env))
         ax.set_title(env)
         ax.set_xlabel("env steps")
         ax.set_ylim(-0.02, 1.02)
@@ -319,8 +430,12 @@ def report(a: Args, specs: list[RunSpec]) -> dict:
                      f"{r['final_success']:.2f} / {r.get('final_success_once', float('nan')):.2f} at "
                      f"{r['final_step']:,} | {r['ended']} | {r['sps']:.0f} | {r['machine']} |")
     md = "\n".join(lines) + "\n"
+    beside = paper_rows(rows, curves_out, paper)
+    if beside:
+        md += "\n" + paper_markdown(beside, paper)
     for path, text in ((out / f"{a.name}.md", md),
-                       (out / f"{a.name}.json", json.dumps({"rows": rows, "curves": curves_out}, indent=1))):
+                       (out / f"{a.name}.json", json.dumps({"rows": rows, "curves": curves_out, "paper": beside},
+                                                          indent=1))):
         tmp = path.with_name(path.name + ".tmp")  # the old json is the record of runs whose folders are gone
         tmp.write_text(text)
         os.replace(tmp, path)
@@ -330,6 +445,7 @@ def report(a: Args, specs: list[RunSpec]) -> dict:
 
 def main(a: Args) -> dict:
     specs = grid(a)
+    read_paper(a.paper)  # a bad file is refused before any run starts
     t0 = time.time()
     failed = run_grid(a, specs)
     print(f"grid done in {time.time() - t0:.0f} s", flush=True)

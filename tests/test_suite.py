@@ -109,3 +109,40 @@ def test_a_run_that_fails_is_one_line_and_the_others_still_report(demo_path, tmp
                                f"exited 2; see {tmp_path}/runs/suite_logs/suite_PickCube_rlpd_d2_s2.log")
     assert "--no-such-flag" in (tmp_path / "runs" / "suite_logs" / "suite_PickCube_rlpd_d2_s2.log").read_text()
     assert "| PickCube-v1 | rlpd:2 | suite_PickCube_rlpd_d2_s1 |" in (tmp_path / "out" / "tiny.md").read_text()
+
+
+def test_the_papers_numbers_are_set_beside_each_seeds_and_marked_on_the_figure(tmp_path):
+    """--paper: per task, each seed's steps to 0.9 (and their median), success at 1M and 2M, and stage-1 end beside
+    the published numbers; only for the configs the paper's numbers are for; a bad file is one line."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    def fake_run(seed, successes, stage1_end, ended_at):  # evals every 100k env steps
+        run = tmp_path / "runs" / f"cpu_PickCube_rfcl_d5_s{seed}"
+        w = SummaryWriter(str(run))
+        w.add_scalar("curriculum/stage1_end_step", stage1_end, stage1_end)
+        for i, s in enumerate(successes, 1):
+            w.add_scalar("eval/success_at_end", s, i * 100_000)
+            w.add_scalar("eval/success_once", s, i * 100_000)
+            w.add_scalar("charts/SPS", 100.0, i * 100_000)
+        w.close()
+        if ended_at:  # else still running: no summary yet
+            (run / "summary.json").write_text(json.dumps({"global_step": ended_at, "stopped_by": None}))
+
+    fake_run(1, [0.1, 0.5, 0.9, 0.95, 0.9, 0.9, 0.95, 0.95, 0.9, 0.97], 120_000, 1_000_000)
+    fake_run(2, [0.0, 0.2, 0.4, 0.6, 0.92, 0.8, 0.9, 0.9, 0.93, 0.88, 0.9, 0.9, 0.9, 0.9, 0.96], 210_000, None)
+    args = suite.Args(configs=["rfcl:5", "rlpd:100"], env_ids=["PickCube-v1"], seeds=[1, 2], prefix="cpu",
+                      total_timesteps=2_000_000, executor="none", root=str(tmp_path), out=str(tmp_path / "out"),
+                      name="vs", paper=str(ROOT / "benchmarks" / "paper_rfcl.json"))
+    suite.main(args)
+    md = (tmp_path / "out" / "vs.md").read_text()
+    assert ("| PickCube-v1 | rfcl:5 | 2 | 300k, 500k; median 400k | ~300k | 0.97, 0.88 | ~0.98 | "
+            "ended: 0.97 at 1.00M, not yet: 0.96 at 1.50M | ~0.98 | 120k, 210k; median 165k | ~120k |") in md, md
+    beside = json.loads((tmp_path / "out" / "vs.json").read_text())["paper"]
+    assert [(b["task"], b["config"]) for b in beside] == [("PickCube-v1", "rfcl:5")]
+    assert (tmp_path / "out" / "vs.png").stat().st_size > 10_000
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"label": "x", "source": "y", "configs": [], "tasks": {"PickCube-v1": {"at_1M": 1}}}))
+    with pytest.raises(SystemExit, match=r"^error: --paper .*bad.json: not a readable file of published numbers "
+                                         r"\(PickCube-v1 has \['at_1M'\], not"):
+        suite.main(suite.Args(executor="none", paper=str(bad), root=str(tmp_path)))
