@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -226,12 +228,26 @@ def stage1_end(run_dir: Path) -> Optional[int]:
         return None
 
 
+def running_here(run_dir: Path) -> bool:
+    """Is the process that runs/<exp-name>/.lock names (its latest holder: "pid N on HOST since T") running on this machine now,
+    with this run's name on its command line (so not another process that got the pid since)?"""
+    try:
+        pid, host = re.match(r"pid (\d+) on (\S+) since", (run_dir / ".lock").read_text()).groups()
+        return host == socket.gethostname() and run_dir.name.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, AttributeError):  # no lock file, another format, or no such process
+        return False
+
+
 def run_status(run_dir: Path, machine: str = "-") -> dict:
-    """How the run ended (budget, target reached, stopped and resumable, or still running) and where it ran
+    """How the run ended (budget, target reached, stopped and resumable) or that it is running now, and where it ran
     (`machine` where its summary does not say)."""
     try:
         s = json.loads((run_dir / "summary.json").read_text())
     except (OSError, ValueError):
+        s = None
+    if running_here(run_dir):  # its summary.json, if any, is from an earlier stop
+        return {"ended": "running now", "machine": " + ".join((s or {}).get("machines", [])) or machine}
+    if s is None:
         return {"ended": "running, or killed", "machine": machine}
     resumable = ", resumable" if (run_dir / "resume.state").exists() else ""
     ended = ("target reached" if s.get("target_reached") else

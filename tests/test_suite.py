@@ -146,3 +146,31 @@ def test_the_papers_numbers_are_set_beside_each_seeds_and_marked_on_the_figure(t
     with pytest.raises(SystemExit, match=r"^error: --paper .*bad.json: not a readable file of published numbers "
                                          r"\(PickCube-v1 has \['at_1M'\], not"):
         suite.main(suite.Args(executor="none", paper=str(bad), root=str(tmp_path)))
+
+
+def test_a_run_whose_lock_holder_is_alive_here_is_reported_as_running(tmp_path):
+    """A resumed run that is running now has the summary.json of its last stop: the report says "running now" from
+    the lock file's holder (alive on this host, with the run's name on its command line), and goes back to the
+    summary once that process is gone or the pid belongs to another command."""
+    import socket
+    import subprocess
+
+    run = tmp_path / "runs" / "cpu_PickCube_rfcl_d5_s1"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"global_step": 500, "stopped_by": "SIGTERM"}))
+    (run / "resume.state").write_bytes(b"x")
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "--resume", str(run)])
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / ".lock").write_text(f"pid {holder.pid} on {socket.gethostname()} since 2026-11-30 10:00:00\n")
+        assert suite.run_status(run)["ended"] == "running now"
+        (run / ".lock").write_text(f"pid {other.pid} on {socket.gethostname()} since 2026-11-30 10:00:00\n")
+        assert suite.run_status(run)["ended"] == "stopped (SIGTERM), resumable"
+        (run / ".lock").write_text(f"pid {holder.pid} on another-host since 2026-11-30 10:00:00\n")
+        assert suite.run_status(run)["ended"] == "stopped (SIGTERM), resumable"
+    finally:
+        for p in (holder, other):
+            p.kill()
+            p.wait()
+    (run / ".lock").write_text(f"pid {holder.pid} on {socket.gethostname()} since 2026-11-30 10:00:00\n")
+    assert suite.run_status(run)["ended"] == "stopped (SIGTERM), resumable"
