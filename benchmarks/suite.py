@@ -16,11 +16,12 @@ Executors:
                     requeued; the requeued job runs the same line, which now resumes.
   * submitit-local: submitit's local executor (same code path as slurm, no cluster; the tests use it).
 Writes <out>/<name>.png (eval success_at_end vs env steps, a panel per task, a line per config, mean and min-max
-over seeds, each seed's own curve thin; with --paper the published points too), <out>/<name>.md (for every run: env steps and wall-clock of training to 0.5 and 0.9 of success_at_end
-and success_once, RFCL's stage-1 end, the last eval, how the run ended or that it runs now, env steps/s, the machine; with --paper a
-second table with the published numbers beside each task's seeds) and
-<out>/<name>.json (the same with the curves). A run whose folder is not under --root (it ran on another machine, or
-its disk was wiped) keeps the row and curve it had in the previous <out>/<name>.json, and says so.
+over seeds, each seed's own curve thin; with --paper the published points too), <out>/<name>.md (for every run: env
+steps and wall-clock of training to 0.5 and 0.9 of success_at_end and success_once, RFCL's stage-1 end, the last
+eval, how the run ended or that it runs now, env steps/s, the machine; with --paper a second table with the
+published numbers beside each task's seeds) and <out>/<name>.json (the same with the curves). A run whose folder is
+not under --root (it ran on another machine, or its disk was wiped) keeps the row and curve it had in the previous
+<out>/<name>.json, and says so.
 """
 
 from __future__ import annotations
