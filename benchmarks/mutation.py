@@ -1,11 +1,12 @@
 """How strong is the test suite? Break rfcl.py or rlpd.py on purpose (a fixed list of plausible mistakes in the
-curricula, the SAC update, the training loop and the data it stores) and count the mistakes that no test catches.
+curricula, the SAC update, the training loop, the data it stores, and how a stop signal ends a script) and count the
+mistakes that no test catches.
 
     python benchmarks/mutation.py                                  # this checkout
     python benchmarks/mutation.py --repo /path/to/older/checkout   # the same mistakes, an older suite
 
-Each mutant is one text substitution in rfcl.py or rlpd.py (the first of its alternatives that the file contains, so the same
-mistake can be planted in older versions of the code), run against a copy of the repository with `pytest -x` on
+Each mutant is one text substitution in rfcl.py, rlpd.py or stop_signals.py (the first of its alternatives that the
+file contains, so the same mistake can be planted in older versions of the code), run against a copy of the repository with `pytest -x` on
 the test files of its group; it is "caught" when pytest fails. A hand-picked list, not a mutation tool's
 exhaustive one: mutmut's thousands of mutants times a minute of tests each do not fit a 2-core machine.
 Writes a markdown table to stdout and, with --out, to <out>.md and <out>.json.
@@ -118,6 +119,20 @@ for _script in ("rfcl.py", "rlpd.py"):
     ]
 MUTANTS.append(("rfcl.py: demo actions scaled but not clipped", "data",
                 [("np.clip(demos.actions * args.demo_action_scale, -1.0, 1.0)", "(demos.actions * args.demo_action_scale)")]))
+# how a stop signal before the loop ends a script (stop_signals.py)
+MUTANTS += [
+    ("env workers left alive at a stop", "signals", [("        worker.kill()", "        pass")], "stop_signals.py"),
+    ("a signal during the imports raises like any other", "signals",
+     [("    if not _IMPORTS_DONE:", "    if False:")], "stop_signals.py"),
+    ("env workers get the stop handler too", "signals",
+     [('elif _IMPORTER == "__mp_main__":', "elif False:")], "stop_signals.py"),
+    ("a signal inside a gc callback is not delivered again", "signals",
+     [("    if _in_gc_callback(frame):", "    if False:")], "stop_signals.py"),
+    ("an exit a library dropped is not honoured", "signals",
+     [("    if _SIGNALLED:\n        _exit()", "    pass")], "stop_signals.py"),
+    ("the handler installed by any importer", "signals",
+     [('if _IMPORTER == "__main__":', "if True:")], "stop_signals.py"),
+]
 
 
 @dataclass
@@ -132,6 +147,10 @@ class Args:
     """test files run against the training-loop mutants (missing ones are skipped)"""
     data_tests: list[str] = field(default_factory=lambda: ["tests/test_data_path.py"])
     """test files run against the mutants of what the buffers store (missing ones are skipped)"""
+    signal_tests: list[str] = field(default_factory=lambda: [
+        "tests/test_stop_signals.py", "tests/test_rfcl_integration.py", "tests/test_collect_demos.py",
+        "tests/test_benchmarks.py", "-k", "signal or ctrl_c or handler"])
+    """pytest arguments run against the mutants of stop_signals.py (missing test files are skipped)"""
     only: list[str] = field(default_factory=list)
     """run only mutants whose name contains one of these"""
     timeout: int = 900
@@ -161,11 +180,11 @@ def main(a: Args) -> list[dict]:
         if a.only and not any(o in name for o in a.only):
             continue
         file = file[0] if file else "rfcl.py"
-        source = (repo / file).read_text()
-        tests = [t for t in {"unit": a.unit_tests, "loop": a.loop_tests, "data": a.data_tests}[group]
-                 if (repo / t).exists()]
+        source = (repo / file).read_text() if (repo / file).exists() else ""
+        tests = [t for t in {"unit": a.unit_tests, "loop": a.loop_tests, "data": a.data_tests,
+                             "signals": a.signal_tests}[group] if not t.endswith(".py") or (repo / t).exists()]
         hit = next(((o, n) for o, n in alternatives if o in source), None)
-        if hit is None or not tests:
+        if hit is None or not any(t.endswith(".py") for t in tests):
             rows.append({"mutant": name, "group": group, "result": "not applicable"})
         else:
             caught, secs = run_mutant(repo, file, *hit, tests, a.timeout)
