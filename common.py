@@ -23,6 +23,8 @@ import gymnasium as gym
 import h5py
 import numpy as np
 
+import stop_signals
+
 
 def fail(msg: str):
     """One-line error for the user, no traceback."""
@@ -269,6 +271,7 @@ def evaluate(envs, act_fn, max_episode_steps: int, num_episodes: int, video_path
     once, at_end, returns = [], [], []
     envs.prepare(10**6 + np.arange(rounds * n))  # GPU: each eval seed's initial state fixed once, then reused
     for r in range(rounds):
+        stop_signals.exit_if_signalled()  # --evaluate: a Ctrl-C whose exit was dropped ends it here
         seeds = 10**6 + r * n + np.arange(n)
         obs = envs.reset(np.ones(n, bool), seeds)
         if video_path and r == 0:

@@ -23,7 +23,7 @@ _IMPORTS_DONE = []  # set by the script's first exit_if_signalled, once its slow
 
 
 def _stop(signum, frame):
-    if _in_gc_callback(frame):  # an exception raised here would be printed and dropped: deliver the signal again
+    if _dropped_there(frame):  # an exception raised here would be printed and dropped: deliver the signal again
         threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
         return
     _SIGNALLED.append(signal.Signals(signum).name)
@@ -39,11 +39,12 @@ def _exit():
     raise SystemExit(130 if _SIGNALLED[0] == "SIGINT" else 143)
 
 
-def _in_gc_callback(frame) -> bool:
-    """Is a gc callback (JAX registers one) on the stack? The garbage collector reports and drops its exceptions."""
+def _dropped_there(frame) -> bool:
+    """Is a gc callback (JAX registers one) or a __del__ method on the stack? Python reports what they raise and
+    drops it."""
     codes = {getattr(cb, "__code__", None) for cb in gc.callbacks}
     while frame is not None:
-        if frame.f_code in codes:
+        if frame.f_code in codes or frame.f_code.co_name == "__del__":
             return True
         frame = frame.f_back
     return False

@@ -153,6 +153,7 @@ def probe(a: Args) -> dict:
                   for i in range(demos.num_trajectories) for t in range(0, int(demos.lengths[i]), a.every)]
     rows = []
     for i, t, where in starts:
+        stop_signals.exit_if_signalled()  # a Ctrl-C whose exit was dropped ends it here
         row = {**where, **episode(i, t)}
         if a.stochastic and not a.demo_actions:
             key, *ks = jax.random.split(key, a.stochastic + 1)

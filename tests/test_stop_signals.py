@@ -1,11 +1,12 @@
 """stop_signals.py on small scripts that stand in for the libraries a real start-up imports: a signal ends the
 script with one line even where a library drops or rewraps the exception (trimesh's `except BaseException` around an
-import, JAX's gc callback); the real scripts' start-up is tested in test_rfcl_integration.py."""
+import, JAX's gc callback, a __del__ method); the real scripts' start-up is tested in test_rfcl_integration.py."""
 
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -38,6 +39,21 @@ SCRIPTS = {
             gc.collect()
         print("went on", flush=True)
         """,
+    # after the imports: Python drops what a __del__ method raises too
+    "inside a __del__": """
+        stop_signals.exit_if_signalled()
+        calls = []
+        class Slow:
+            def __del__(self):
+                if len(calls) < 20:
+                    calls.append(1)
+                    time.sleep(0.25)
+        print("ready", flush=True)
+        t = time.time()
+        while time.time() - t < 20:
+            Slow()
+        print("went on", flush=True)
+        """,
     # after the imports, dropped by other code: honoured at the script's next exit_if_signalled
     "dropped after the imports": """
         stop_signals.exit_if_signalled()
@@ -58,6 +74,7 @@ def test_a_signal_ends_the_script_with_one_line_where_a_library_drops_the_exit(c
     script.write_text(HEAD + textwrap.dedent(SCRIPTS[case]))
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
+    time.sleep(0.5)  # inside the slow part: the first 20 calls take 5 s
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=15)
     assert (proc.returncode, out, err) == (130, "", "stopped by SIGINT\n")
