@@ -234,7 +234,7 @@ def read_resume_header(path: Path, algorithm: Optional[str] = None, script: Opti
 def save_resume_state(path: Path, algorithm: str, script: str, config: dict, global_step: int, stage: int,
                       payload: dict, demos: Optional[dict] = None) -> None:
     """Everything a run needs to continue exactly: a one-line JSON header (with `demos`: the demo file's path, the
-    number of demos and their content hash, see check_resumed_demos), then the msgpack payload (learner state,
+    number of demos and their content hash, see load_run_demos), then the msgpack payload (learner state,
     optimizer states, buffers, curricula, generators, schedule). Written atomically: the previous state stays until
     this one is complete on disk."""
     body = serialization.msgpack_serialize(payload)
@@ -263,18 +263,20 @@ def load_resume_state(path: Path, algorithm: str, script: Optional[str] = None,
     return header, serialization.msgpack_restore(body)
 
 
-def resumed_demos_path(header: dict, dataset_path: Optional[str]) -> Optional[str]:
-    """The demo file a resumed run loads: --dataset-path if given, else the file its resume state names."""
-    return dataset_path or (header.get("demos") or {}).get("path")
-
-
-def check_resumed_demos(header: dict, path: Path, digest: str) -> None:
-    """A run continues only on the demos it began with (states written before they recorded them are not checked):
-    the same content, wherever the file now is."""
+def load_run_demos(header: dict, env_id: str, obs_mode: str, control_mode: str, num_demos: int,
+                   dataset_path: Optional[str], env_states: bool) -> tuple[common.Demos, Path, dict]:
+    """The demos a run trains on (common.get_and_load_demos), and the record of them its resume states keep. A resumed
+    run (header: its resume state's) loads --dataset-path if given, else the file it began with, and continues only
+    on the demos it began with: the same content, wherever the file now is (states written before they recorded their
+    demos are not checked)."""
     saved = header.get("demos")
+    demos, path = common.get_and_load_demos(env_id, obs_mode, control_mode, num_demos,
+                                            dataset_path or (saved or {}).get("path"), env_states=env_states)
+    digest = common.demos_digest(demos)
     if saved and saved["sha256"] != digest:
         fail(f"{path} holds other demos than the run began with ({saved['num_demos']} demos of {saved['path']}, "
              f"sha256 {saved['sha256'][:12]}...); put that file back, or pass --dataset-path to a copy of it")
+    return demos, path, {"path": str(path.resolve()), "num_demos": num_demos, "sha256": digest}
 
 
 NETWORK_FIELDS = ("actor_params", "critic_params", "target_params", "log_alpha")

@@ -546,13 +546,8 @@ def main(args: Args) -> None:
 
     # ---- demos, envs, networks, buffers ---------------------------------------------------------------
     # observations, actions and success only
-    demos, path = common.get_and_load_demos(args.env_id, args.obs_mode, args.control_mode, args.num_demos,
-                                            bookkeeping.resumed_demos_path(header, args.dataset_path),
-                                            env_states=False)
-    digest = common.demos_digest(demos)
-    if args.resume:
-        bookkeeping.check_resumed_demos(header, path, digest)
-    demo_record = {"path": str(path.resolve()), "num_demos": args.num_demos, "sha256": digest}
+    demos, path, demo_record = bookkeeping.load_run_demos(header, args.env_id, args.obs_mode, args.control_mode,
+                                                          args.num_demos, args.dataset_path, env_states=False)
     envs = vector_env.make_envs(args.env_id, args.num_envs, args.sim_backend, args.obs_mode, args.control_mode)
     eval_envs = vector_env.make_envs(args.env_id, args.num_eval_envs, args.sim_backend, args.obs_mode,
                                      args.control_mode, args.render_size if args.capture_video else None)
