@@ -19,6 +19,7 @@ import logging
 import multiprocessing.util  # registers multiprocessing's exit handler, before _kill_env_workers
 import os
 import signal
+import warnings
 from functools import partial
 from pathlib import Path
 from typing import Optional
@@ -160,7 +161,11 @@ class CPUEnvs:
         for a run that has saved everything and was told to stop."""
         if now:
             self._kill()
-        self.envs.close(terminate=now)
+            with warnings.catch_warnings():  # gymnasium warns of the step the workers were killed in: abandoned
+                warnings.simplefilter("ignore")  # on purpose, and a stop's last line is "stopped by SIGINT"
+                self.envs.close(terminate=True)
+        else:
+            self.envs.close()
 
 
 class GPUEnvs:
