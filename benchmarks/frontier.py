@@ -6,8 +6,8 @@ For each demo and each start step t = 0, every, 2*every, ... it resets the env t
 does), then runs the policy for the stage-1 time limit 16 + (T - t) // ratio, and records whether the episode
 succeeded at some step and at its last step, the step of the first success, and which of the task's own flags (the
 booleans its evaluate() reports besides success, e.g. PickCube's is_grasped, is_obj_placed, is_robot_static;
-StackCube's is_cubeA_grasped, is_cubeA_on_cubeB, is_cubeA_static; for a task whose evaluate() reports only success,
-the stages of its own dense reward, see TASK_FLAGS) were ever true. Deterministic (policy mean) once
+StackCube's is_cubeA_grasped, is_cubeA_on_cubeB, is_cubeA_static; for a task whose evaluate() reports no such flag,
+PullCubeTool and PegInsertionSide, the stages of its own dense reward, see TASK_FLAGS) were ever true. Deterministic (policy mean) once
 per start, since CPU simulation repeats exactly; with --stochastic N also N sampled-action episodes, as training
 episodes act. On PickCube a start that fails with is_grasped never true failed to grasp; with is_grasped but not
 is_obj_placed it dropped or never carried the cube; with is_obj_placed it never held still. Prints a markdown table;
@@ -52,8 +52,18 @@ def _pull_cube_tool_flags(u) -> dict:
             "is_tool_behind_cube": (tool - hook).norm(dim=1) < 0.05}
 
 
+def _peg_insertion_side_flags(u) -> dict:
+    """PegInsertionSide's dense reward stages: the peg grasped (within 20 degrees, as the reward asks), then grasped
+    with its head and its centre both within 1 cm of the hole's axis (the reward's "pre-inserted": from there only
+    the push along the axis is left)."""
+    grasped = u.agent.is_grasping(u.peg, max_angle=20)
+    head = (u.goal_pose.inv() * u.peg_head_pose).p[:, 1:].norm(dim=1)
+    centre = (u.goal_pose.inv() * u.peg.pose).p[:, 1:].norm(dim=1)
+    return {"is_peg_grasped": grasped, "is_peg_lined_up": grasped & (head < 0.01) & (centre < 0.01)}
+
+
 # Stage flags for tasks whose evaluate() reports only success, computed from the env after every step
-TASK_FLAGS = {"PullCubeTool-v1": _pull_cube_tool_flags}
+TASK_FLAGS = {"PullCubeTool-v1": _pull_cube_tool_flags, "PegInsertionSide-v1": _peg_insertion_side_flags}
 
 
 @dataclass

@@ -210,10 +210,13 @@ def test_frontier_probe_of_initial_states_uses_eval_seeds_and_horizon_without_de
         frontier.main(frontier.Args(str(ckpt), initial_states=3, demo_actions=True))
 
 
-def test_frontier_probe_reports_pull_cube_tools_stages(asset_dir, tmp_path):
-    """PullCubeTool's evaluate() reports only success, so frontier.py adds the stages of its dense reward: a planner
-    demo replayed from its first state grasps the tool and sets its hook behind the cube before it succeeds; a fresh
-    policy does neither in 4 steps from an eval seed's initial state."""
+@pytest.mark.parametrize("env_id, flags", [("PullCubeTool-v1", ("is_tool_grasped", "is_tool_behind_cube")),
+                                           ("PegInsertionSide-v1", ("is_peg_grasped", "is_peg_lined_up"))])
+def test_frontier_probe_reports_the_dense_reward_stages(asset_dir, tmp_path, env_id, flags):
+    """PullCubeTool's and PegInsertionSide's evaluate() report no stage flag, so frontier.py adds the stages of their
+    dense rewards: a planner demo replayed from its first state passes each stage (tool grasped, hook behind the
+    cube; peg grasped, peg lined up with the hole) before it succeeds; a fresh policy passes none in 4 steps from an
+    eval seed's initial state."""
     import jax
 
     import bookkeeping
@@ -221,20 +224,20 @@ def test_frontier_probe_reports_pull_cube_tools_stages(asset_dir, tmp_path):
     import frontier
     import rlpd
 
-    path = common.get_demos("PullCubeTool-v1", "state", "pd_joint_delta_pos", 1)
-    args = rlpd.Args(env_id="PullCubeTool-v1", num_demos=1, max_episode_steps=400, dataset_path=str(path))
+    path = common.get_demos(env_id, "state", "pd_joint_delta_pos", 1)
+    args = rlpd.Args(env_id=env_id, num_demos=1, max_episode_steps=400, dataset_path=str(path))
     demos = common.load_demos(path, 1)
     dims = (demos.obs.shape[1], demos.actions.shape[1])
     _, _, state = rlpd.init_sac(args, *dims, jax.random.PRNGKey(0))
     ckpt = tmp_path / "fresh.ckpt"
     bookkeeping.save_checkpoint(ckpt, rlpd.checkpoint_meta(args, *dims), rlpd.networks(state), 0)
     (row,) = frontier.main(frontier.Args(str(ckpt), every=10_000, demo_actions=True))["rows"]
-    assert row["once"] and row["flags"] == {"is_tool_grasped": True, "is_tool_behind_cube": True}, row
+    assert row["once"] and row["flags"] == dict.fromkeys(flags, True), row
     args.max_episode_steps = 4
     bookkeeping.save_checkpoint(ckpt, rlpd.checkpoint_meta(args, *dims), rlpd.networks(state), 0)
-    out = frontier.main(frontier.Args(str(ckpt), initial_states=1, out=str(tmp_path / "pct")))
-    assert out["rows"][0]["flags"] == {"is_tool_grasped": False, "is_tool_behind_cube": False}
-    assert "is_tool_behind_cube" in (tmp_path / "pct.md").read_text()
+    out = frontier.main(frontier.Args(str(ckpt), initial_states=1, out=str(tmp_path / "probe")))
+    assert out["rows"][0]["flags"] == dict.fromkeys(flags, False)
+    assert flags[1] in (tmp_path / "probe.md").read_text()
 
 
 def test_ctrl_c_stops_the_frontier_probe_at_once_with_one_line(demo_path, tmp_path):
