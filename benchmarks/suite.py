@@ -427,11 +427,12 @@ def report(a: Args, specs: list[RunSpec]) -> dict:
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1000:.0f}k"))
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8, loc="best")  # the curves differ per task; let matplotlib keep them visible
+            # below the panel: inside it, a legend hides whatever curve lies under it (a run at 0 all along)
+            ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2))
     axes[0][0].set_ylabel("eval success_at_end")
     fig.tight_layout()
     out.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out / f"{a.name}.png")
+    fig.savefig(out / f"{a.name}.png", bbox_inches="tight")  # the legends below the panels too
     plt.close(fig)
     def reach(r, prefix, th):
         steps, wall = r[f"{prefix}steps_to_{th}"], r[f"{prefix}wall_s_to_{th}"]
