@@ -7,11 +7,11 @@ does), then runs the policy for the stage-1 time limit 16 + (T - t) // ratio, an
 succeeded at some step and at its last step, the step of the first success, and which of the task's own flags (the
 booleans its evaluate() reports besides success, e.g. PickCube's is_grasped, is_obj_placed, is_robot_static;
 StackCube's is_cubeA_grasped, is_cubeA_on_cubeB, is_cubeA_static; for a task whose evaluate() reports no such flag,
-PullCubeTool and PegInsertionSide, the stages of its own dense reward, see TASK_FLAGS) were ever true. Deterministic (policy mean) once
-per start, since CPU simulation repeats exactly; with --stochastic N also N sampled-action episodes, as training
-episodes act. On PickCube a start that fails with is_grasped never true failed to grasp; with is_grasped but not
-is_obj_placed it dropped or never carried the cube; with is_obj_placed it never held still. Prints a markdown table;
---out also writes it with a json.
+PullCubeTool and PegInsertionSide, the stages of its own dense reward, see TASK_FLAGS) were ever true. Deterministic
+(policy mean) once per start, since CPU simulation repeats exactly; with --stochastic N also N sampled-action
+episodes, as training episodes act. On PickCube a start that fails with is_grasped never true failed to grasp; with
+is_grasped but not is_obj_placed it dropped or never carried the cube; with is_obj_placed it never held still. Prints
+a markdown table; --out also writes it with a json.
 
 The policy is built by the script that wrote the checkpoint (a copy of rfcl.py or rlpd.py with an edited Actor
 included; --script names another). An rlpd.py checkpoint is probed the same way, with the run's episode horizon (--max-episode-steps) as the time limit
@@ -57,12 +57,13 @@ def _peg_insertion_side_flags(u) -> dict:
     with its head and its centre both within 1 cm of the hole's axis (the reward's "pre-inserted": from there only
     the push along the axis is left)."""
     grasped = u.agent.is_grasping(u.peg, max_angle=20)
-    head = (u.goal_pose.inv() * u.peg_head_pose).p[:, 1:].norm(dim=1)
-    centre = (u.goal_pose.inv() * u.peg.pose).p[:, 1:].norm(dim=1)
+    to_goal = u.goal_pose.inv()  # the hole's frame: its axis is x, so y and z are the distances off it
+    head = (to_goal * u.peg_head_pose).p[:, 1:].norm(dim=1)
+    centre = (to_goal * u.peg.pose).p[:, 1:].norm(dim=1)
     return {"is_peg_grasped": grasped, "is_peg_lined_up": grasped & (head < 0.01) & (centre < 0.01)}
 
 
-# Stage flags for tasks whose evaluate() reports only success, computed from the env after every step
+# Stage flags for tasks whose evaluate() reports none, computed from the env after every step
 TASK_FLAGS = {"PullCubeTool-v1": _pull_cube_tool_flags, "PegInsertionSide-v1": _peg_insertion_side_flags}
 
 
