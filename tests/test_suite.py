@@ -7,6 +7,7 @@ import shutil
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -161,6 +162,11 @@ def test_a_run_whose_lock_holder_is_alive_here_is_reported_as_running(tmp_path):
     (run / "resume.state").write_bytes(b"x")
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "--resume", str(run)])
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # until its exec, a child's command line is pytest's: wait for the holder's own (CI saw the race under load)
+    deadline = time.time() + 30
+    while str(run) not in Path(f"/proc/{holder.pid}/cmdline").read_bytes().decode(errors="replace"):
+        assert time.time() < deadline, "the holder process never showed its command line"
+        time.sleep(0.05)
     try:
         (run / ".lock").write_text(f"pid {holder.pid} on {socket.gethostname()} since 2026-11-30 10:00:00\n")
         assert suite.run_status(run)["ended"] == "running now"
