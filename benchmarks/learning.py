@@ -17,9 +17,10 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import numpy as np
+import tyro
 
 ROOT = Path(__file__).resolve().parents[1]
 THRESHOLDS = (0.5, 0.9)
@@ -40,8 +41,8 @@ class Args:
     """existing run directories to read instead of (or besides) training; reused, never retrained"""
     label: Optional[str] = None
     """legend label (default: <algo>)"""
-    extra: list[str] = field(default_factory=list)
-    """further flags for the script, e.g. --extra=--preset --extra=sample-efficient"""
+    extra: Annotated[list[str], tyro.conf.UseAppendAction] = field(default_factory=list)
+    """a further flag or value for the script, once per token, e.g. --extra=--preset --extra=sample-efficient"""
     compare: list[str] = field(default_factory=list)
     """draw several configs in one figure instead: LABEL=RUN[,RUN...] per config, e.g.
     --compare "rfcl=runs/a,runs/b" "rlpd=runs/c"; writes <out>/<name>.png and .md, trains nothing"""
@@ -230,6 +231,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    import tyro
-
     main(tyro.cli(Args, description=__doc__))

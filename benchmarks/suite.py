@@ -37,7 +37,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import numpy as np
 import tyro
@@ -60,8 +60,9 @@ class Args:
     target_success: Optional[float] = None
     """end a run early, as finished, once its eval success_at_end stays at or above this (the scripts'
     --target-success, 3 evals in a row by default)"""
-    extra: list[str] = field(default_factory=list)
-    """further flags for every run, e.g. --extra=--no-capture-video"""
+    extra: Annotated[list[str], tyro.conf.UseAppendAction] = field(default_factory=list)
+    """a further flag or value for every run, once per token: --extra=--no-capture-video --extra=--control-mode
+    --extra=pd_ee_delta_pose"""
     prefix: str = "suite"
     """run names: runs/<prefix>_<algo>_<env>_d<demos>_s<seed>"""
     executor: Literal["local", "slurm", "submitit-local", "none"] = "local"

@@ -128,6 +128,25 @@ def test_compare_draws_configs_in_one_figure(tmp_path):
         learning.parse_compare(["no-equals-sign"])
 
 
+def test_each_extra_flag_reaches_the_scripts_command_line(tmp_path, monkeypatch):
+    """--extra is repeatable, one token each: `--extra=--preset --extra=sample-efficient` passes both (a plain list
+    flag keeps only its last value, and the script would get a stray positional)."""
+    import tyro
+
+    args = tyro.cli(learning.Args, args=["--seeds", "1", "--name", f"no_such_run_{tmp_path.name}",
+                                         "--extra=--preset", "--extra=sample-efficient"])
+    ran = []
+
+    def fake_run(cmd, **kw):
+        ran.append(cmd)
+        raise KeyboardInterrupt  # stop before reading a run that was never made
+
+    monkeypatch.setattr(learning.subprocess, "run", fake_run)
+    with pytest.raises(KeyboardInterrupt):
+        learning.main(args)
+    assert ran[0][-2:] == ["--preset", "sample-efficient"]
+
+
 def test_frontier_probe_replaying_a_demo_succeeds_exactly_where_the_demo_does(demo_path, tmp_path):
     """benchmarks/frontier.py resets to demo states as stage 1 does: the demo's own actions from start t must first
     succeed after s* - t + 1 steps (s* = the demo's first successful step), when the time limit allows it."""

@@ -180,3 +180,16 @@ def test_a_run_whose_lock_holder_is_alive_here_is_reported_as_running(tmp_path):
             p.wait()
     (run / ".lock").write_text(f"pid {holder.pid} on {socket.gethostname()} since 2026-11-30 10:00:00\n")
     assert suite.run_status(run)["ended"] == "stopped (SIGTERM), resumable"
+
+
+def test_each_extra_flag_reaches_every_runs_command_line(tmp_path):
+    """--extra is repeatable, one token each (a repeated list flag would otherwise keep only its last value and a run
+    would silently go without the others): all of them, in order, end each new run's command line."""
+    import tyro
+
+    args = tyro.cli(suite.Args, args=["--configs", "rfcl:5", "--seeds", "1", "2", "--extra=--no-capture-video",
+                                      "--extra=--control-mode", "--extra=pd_ee_delta_pose", "--target-success", "0.9",
+                                      "--root", str(tmp_path)])
+    for spec in suite.grid(args):
+        cmd = spec.command(suite.run_dir(args, spec))
+        assert cmd[-5:] == ["--no-capture-video", "--control-mode", "pd_ee_delta_pose", "--target-success", "0.9"]
