@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import tyro
 
 from conftest import ROOT, interrupted
 
@@ -131,8 +132,6 @@ def test_compare_draws_configs_in_one_figure(tmp_path):
 def test_each_extra_flag_reaches_the_scripts_command_line(tmp_path, monkeypatch):
     """--extra is repeatable, one token each: `--extra=--preset --extra=sample-efficient` passes both (a plain list
     flag keeps only its last value, and the script would get a stray positional)."""
-    import tyro
-
     args = tyro.cli(learning.Args, args=["--seeds", "1", "--name", f"no_such_run_{tmp_path.name}",
                                          "--extra=--preset", "--extra=sample-efficient"])
     ran = []

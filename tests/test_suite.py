@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tyro
 
 from conftest import ROOT, read_scalars
 
@@ -185,8 +186,6 @@ def test_a_run_whose_lock_holder_is_alive_here_is_reported_as_running(tmp_path):
 def test_each_extra_flag_reaches_every_runs_command_line(tmp_path):
     """--extra is repeatable, one token each (a repeated list flag would otherwise keep only its last value and a run
     would silently go without the others): all of them, in order, end each new run's command line."""
-    import tyro
-
     args = tyro.cli(suite.Args, args=["--configs", "rfcl:5", "--seeds", "1", "2", "--extra=--no-capture-video",
                                       "--extra=--control-mode", "--extra=pd_ee_delta_pose", "--target-success", "0.9",
                                       "--root", str(tmp_path)])
