@@ -3,6 +3,7 @@
     python benchmarks/learning.py --algo rfcl --env-id PickCube-v1 --num-demos 5 --seeds 1 2 3 --total-timesteps 200000
     python benchmarks/learning.py --runs runs/a runs/b --label rfcl-fast       # existing runs, nothing is trained
     python benchmarks/learning.py --compare "rfcl=runs/a" "rlpd=runs/b" --name pickcube   # configs in one figure
+    python benchmarks/learning.py --compare "old=benchmarks/results/tasks_cpu.json#StackCube-v1 rfcl:5" "new=runs/c"
 
 Writes <out>/<name>.png (eval success_at_end vs env steps and vs wall-clock, mean and min-max over seeds),
 <out>/<name>.md (env steps and wall-clock to first reach 0.5 and 0.9 of both eval/success_at_end and
@@ -45,7 +46,9 @@ class Args:
     """a further flag or value for the script, once per token, e.g. --extra=--preset --extra=sample-efficient"""
     compare: list[str] = field(default_factory=list)
     """draw several configs in one figure instead: LABEL=RUN[,RUN...] per config, e.g.
-    --compare "rfcl=runs/a,runs/b" "rlpd=runs/c"; writes <out>/<name>.png and .md, trains nothing"""
+    --compare "rfcl=runs/a,runs/b" "rlpd=runs/c"; writes <out>/<name>.png and .md, trains nothing. A RUN may also
+    be REPORT.json#KEY, the curves kept in a report of this script or benchmarks/suite.py (for runs whose folders
+    are gone), e.g. "first=benchmarks/results/tasks_cpu.json#StackCube-v1 rfcl:5" """
     tag: str = TAG
     """with --compare: the tensorboard tag to draw, e.g. curriculum/start_step_frac_mean (the success table is
     written only for the default tag)"""
@@ -192,9 +195,42 @@ def parse_compare(specs: list[str]) -> dict[str, list[Path]]:
     return groups
 
 
+def kept_curves(source: str, tag: str) -> list[dict]:
+    """REPORT.json#KEY: the curves a report kept under KEY (suite.py: "curves"[KEY]; --compare: [KEY]["curves"];
+    a single-config report: its own curves, KEY its label)."""
+    path, _, key = source.partition("#")
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: --compare {source!r}: cannot read {path} as a report ({e})") from None
+    if isinstance(d.get("curves"), dict) and key in d["curves"]:
+        group, kept_tag = d["curves"][key], TAG  # the suite keeps eval success_at_end
+    elif isinstance(d.get(key), dict) and "curves" in d[key]:
+        group, kept_tag = d[key]["curves"], d[key].get("tag", TAG)
+    elif d.get("label") == key and isinstance(d.get("curves"), list):
+        group, kept_tag = d["curves"], TAG
+    else:
+        keys = sorted(d["curves"]) if isinstance(d.get("curves"), dict) else [k for k, v in d.items() if
+                                                                              isinstance(v, dict) and "curves" in v]
+        keys = keys or ([d["label"]] if "label" in d else [])
+        raise SystemExit(f"error: --compare {source!r}: {path} keeps no curves under {key!r}; it has: "
+                         + (", ".join(repr(k) for k in keys) or "none"))
+    if kept_tag != tag:
+        raise SystemExit(f"error: --compare {source!r}: {path} kept {kept_tag}, not --tag {tag}")
+    return curves_from_json(group)
+
+
+def read_source(source: Path, tag: str) -> list[dict]:
+    """One --compare RUN: a run folder (one curve) or REPORT.json#KEY (the curves kept there)."""
+    if "#" in str(source) and str(source).partition("#")[0].endswith(".json"):
+        return kept_curves(str(source), tag)
+    return [read_run(source, tag)]
+
+
 def main(args: Args) -> None:
     if args.compare:
-        groups = {label: [read_run(r, args.tag) for r in runs] for label, runs in parse_compare(args.compare).items()}
+        groups = {label: [c for r in runs for c in read_source(r, args.tag)]
+                  for label, runs in parse_compare(args.compare).items()}
         out, name = Path(args.out), args.name or "compare"
         out.mkdir(parents=True, exist_ok=True)
         plot(groups, out / f"{name}.png", args.tag)

@@ -1,6 +1,7 @@
 """benchmarks/learning.py: log parsing, time-to-threshold and plotting on synthetic runs (real tensorboard writer)."""
 
 import json
+import shutil
 import signal
 import sys
 
@@ -127,6 +128,28 @@ def test_compare_draws_configs_in_one_figure(tmp_path):
     assert kept["two"]["curves"][0]["success"] == pytest.approx([0.0, 0.4]), "the curves survive the runs"
     with pytest.raises(SystemExit, match="LABEL=RUN"):
         learning.parse_compare(["no-equals-sign"])
+
+
+def test_compare_draws_curves_kept_in_reports_of_runs_whose_folders_are_gone(tmp_path):
+    write_run(tmp_path / "a", [0.2, 0.9])
+    write_run(tmp_path / "b", [0.0, 0.4])
+    learning.main(learning.Args(compare=[f"one={tmp_path / 'a'}", f"two={tmp_path / 'b'}"], out=str(tmp_path),
+                                name="cmp"))
+    suite = {"rows": [], "curves": {"StackCube-v1 rfcl:5": learning.curves_json([learning.read_run(tmp_path / "a")])}}
+    (tmp_path / "suite.json").write_text(json.dumps(suite))
+    for d in ("a", "b"):
+        shutil.rmtree(tmp_path / d)
+    learning.main(learning.Args(compare=[f"first={tmp_path / 'suite.json'}#StackCube-v1 rfcl:5",
+                                         f"second={tmp_path / 'cmp.json'}#two"], out=str(tmp_path), name="again"))
+    kept = json.loads((tmp_path / "again.json").read_text())
+    assert kept["first"]["curves"][0]["success"] == pytest.approx([0.2, 0.9])
+    assert kept["second"]["curves"][0]["success"] == pytest.approx([0.0, 0.4])
+    assert "### first" in (tmp_path / "again.md").read_text()
+    with pytest.raises(SystemExit, match="keeps no curves under 'three'; it has: 'one', 'two'"):
+        learning.main(learning.Args(compare=[f"x={tmp_path / 'cmp.json'}#three"], out=str(tmp_path), name="bad"))
+    with pytest.raises(SystemExit, match="kept eval/success_at_end, not --tag charts/SPS"):
+        learning.main(learning.Args(compare=[f"x={tmp_path / 'suite.json'}#StackCube-v1 rfcl:5"], tag="charts/SPS",
+                                    out=str(tmp_path), name="bad"))
 
 
 def test_each_extra_flag_reaches_the_scripts_command_line(tmp_path, monkeypatch):
