@@ -48,7 +48,8 @@ class Args:
     """draw several configs in one figure instead: LABEL=RUN[,RUN...] per config, e.g.
     --compare "rfcl=runs/a,runs/b" "rlpd=runs/c"; writes <out>/<name>.png and .md, trains nothing. A RUN may also
     be REPORT.json#KEY, the curves kept in a report of this script or benchmarks/suite.py (for runs whose folders
-    are gone), e.g. "first=benchmarks/results/tasks_cpu.json#StackCube-v1 rfcl:5" """
+    are gone), e.g. "first=benchmarks/results/tasks_cpu.json#StackCube-v1 rfcl:5" (so labels to be read back this
+    way hold no comma)"""
     tag: str = TAG
     """with --compare: the tensorboard tag to draw, e.g. curriculum/start_step_frac_mean (the success table is
     written only for the default tag)"""
@@ -203,18 +204,17 @@ def kept_curves(source: str, tag: str) -> list[dict]:
         d = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: --compare {source!r}: cannot read {path} as a report ({e})") from None
-    if isinstance(d.get("curves"), dict) and key in d["curves"]:
-        group, kept_tag = d["curves"][key], TAG  # the suite keeps eval success_at_end
-    elif isinstance(d.get(key), dict) and "curves" in d[key]:
-        group, kept_tag = d[key]["curves"], d[key].get("tag", TAG)
-    elif d.get("label") == key and isinstance(d.get("curves"), list):
-        group, kept_tag = d["curves"], TAG
-    else:
-        keys = sorted(d["curves"]) if isinstance(d.get("curves"), dict) else [k for k, v in d.items() if
-                                                                              isinstance(v, dict) and "curves" in v]
-        keys = keys or ([d["label"]] if "label" in d else [])
+    kept = {}  # key -> (curves, the tag they are of)
+    if isinstance(d, dict) and isinstance(d.get("curves"), dict):  # the suite keeps eval success_at_end
+        kept = {k: (group, TAG) for k, group in d["curves"].items()}
+    elif isinstance(d, dict) and isinstance(d.get("curves"), list):
+        kept = {d.get("label"): (d["curves"], TAG)}
+    elif isinstance(d, dict):
+        kept = {k: (v["curves"], v.get("tag", TAG)) for k, v in d.items() if isinstance(v, dict) and "curves" in v}
+    if key not in kept:
         raise SystemExit(f"error: --compare {source!r}: {path} keeps no curves under {key!r}; it has: "
-                         + (", ".join(repr(k) for k in keys) or "none"))
+                         + (", ".join(repr(k) for k in sorted(kept, key=str)) or "none"))
+    group, kept_tag = kept[key]
     if kept_tag != tag:
         raise SystemExit(f"error: --compare {source!r}: {path} kept {kept_tag}, not --tag {tag}")
     return curves_from_json(group)
