@@ -186,13 +186,13 @@ def plot(groups: dict[str, list[dict]], path, tag: str = TAG) -> None:
 
 
 # ---- main ------------------------------------------------------------------------------------------------
-def parse_compare(specs: list[str]) -> dict[str, list[Path]]:
+def parse_compare(specs: list[str]) -> dict[str, list[str]]:
     groups = {}
     for spec in specs:
         label, sep, runs = spec.partition("=")
         if not sep or not label or not runs:
             raise SystemExit(f"error: --compare takes LABEL=RUN[,RUN...], got {spec!r}")
-        groups[label] = [Path(r) for r in runs.split(",")]
+        groups[label] = runs.split(",")  # as typed: a Path would normalise the KEY of REPORT.json#KEY
     return groups
 
 
@@ -220,10 +220,10 @@ def kept_curves(source: str, tag: str) -> list[dict]:
     return curves_from_json(group)
 
 
-def read_source(source: Path, tag: str) -> list[dict]:
+def read_source(source: str, tag: str) -> list[dict]:
     """One --compare RUN: a run folder (one curve) or REPORT.json#KEY (the curves kept there)."""
-    if "#" in str(source) and str(source).partition("#")[0].endswith(".json"):
-        return kept_curves(str(source), tag)
+    if source.partition("#")[0].endswith(".json") and "#" in source:
+        return kept_curves(source, tag)
     return [read_run(source, tag)]
 
 
