@@ -203,6 +203,15 @@ def write_json(path: Path, obj) -> None:
     write_atomic(path, json.dumps(obj, indent=2).encode())
 
 
+def copy_atomic(src: Path, dst: Path) -> None:
+    """A copy of `src` at `dst` that later writes of `src` leave as it is, written like write_atomic."""
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.copyfile(src, tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, dst)
+
+
 # ----------------------------------------------------------------------------------------------
 # Resume states and checkpoints
 # ----------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ import vector_env
 
 ALGORITHM = "rfcl"  # checkpoints and resume states say which algorithm and which script (this file) wrote them
 SCRIPT = str(Path(__file__).resolve())
+SWITCH_STATE = "stage2_start.state"  # the resume state written at the stage switch, never overwritten
 
 
 # ======================================================================================================
@@ -924,6 +925,8 @@ def main(args: Args) -> None:
                                               dataclasses.asdict(args), global_step, stage,
                                               resume_state(state, key, rng, reverse, forward, online, offline, loop,
                                                            run), demos=demo_record)
+                if switched:  # kept as written: a later run can start from stage 2's first step (--fork)
+                    bookkeeping.copy_atomic(run_dir / bookkeeping.RESUME_FILE, run_dir / SWITCH_STATE)
             if not done:  # as after a resume
                 obs = start_episodes(np.ones(n, bool), eps, envs, stage, reverse, forward, demos, args)
     run.finish(global_step, stop if stopping else None, stage=stage, stage1_end_step=stage1_end_step,
