@@ -44,12 +44,13 @@ ROOT = Path(__file__).resolve().parent
 # Flags
 # ----------------------------------------------------------------------------------------------
 def parse_args(args_cls, presets: dict, description: str, task_layer: Callable[[object], dict],
-               resume_flags: tuple[str, ...], algorithm: str, script: str, argv=None):
+               resume_flags: tuple[str, ...], algorithm: str, script: str, argv=None, fork_fixed: tuple[str, ...] = ()):
     """Defaults in layers, each overriding the one before: the Args class; task_layer(args), the per-task values
     (the env's registered horizon, the script's table); the values `--preset X` sets; every flag given on the
     command line. Prints the per-task values it applied; args.json records the result. With --resume DIR the run's
     args.json is the source of truth instead, and only `resume_flags` may be given beside it (resume_args); the run
-    must be one of `algorithm`, written by a script of the same file name as `script`."""
+    must be one of `algorithm`, written by a script of the same file name as `script`. With --fork SOURCE the flags
+    of the resume state there, and any flag given but `fork_fixed` (fork_args)."""
     argv = sys.argv[1:] if argv is None else argv
     preset = next(iter(presets))
     for i, a in enumerate(argv):
@@ -61,6 +62,8 @@ def parse_args(args_cls, presets: dict, description: str, task_layer: Callable[[
     given = {a[2:].split("=", 1)[0].replace("_", "-") for a in argv if a.startswith("--")}
     if "resume" in given:
         return resume_args(args_cls, argv, given, description, resume_flags, algorithm, script)
+    if "fork" in given:
+        return fork_args(args_cls, argv, given, description, fork_fixed, algorithm)
     args = tyro.cli(args_cls, default=default, args=argv, description=description)
     base = dataclasses.asdict(args_cls())
     set_by_preset = {k for k, v in dataclasses.asdict(default).items() if v != base[k]}
@@ -87,14 +90,12 @@ def resume_args(args_cls, argv, given: set, description: str, resume_flags: tupl
     for flag in sorted(given - {"resume", *resume_flags}):
         fail(f"--{flag} cannot be given with --resume: the run's args.json fixes it; only "
              f"{', '.join('--' + f for f in resume_flags)} may change")
-    i = next(i for i, a in enumerate(argv) if a.replace("_", "-").split("=", 1)[0] == "--resume")
-    run_dir = Path(argv[i].split("=", 1)[1] if "=" in argv[i] else (argv[i + 1] if i + 1 < len(argv) else ""))
+    run_dir = Path(flag_value(argv, "resume"))
     if not run_dir.is_dir():
         fail(f"--resume {run_dir}: no such run directory; pass runs/<exp-name> of the run to continue")
     header = read_resume_header(run_dir / RESUME_FILE, algorithm, script)
     try:
-        saved = json.loads((run_dir / "args.json").read_text())
-        base = args_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+        base = args_from_json(args_cls, json.loads((run_dir / "args.json").read_text()))
     except Exception as e:  # noqa: BLE001 - missing, unreadable or from another version of the script
         fail(f"{run_dir / 'args.json'} is missing or does not match this script's flags ({type(e).__name__}: {e})")
     args = tyro.cli(args_cls, default=base, args=argv, description=description)
@@ -105,6 +106,63 @@ def resume_args(args_cls, argv, given: set, description: str, resume_flags: tupl
             fail(f"{run_dir / 'args.json'} says --{k.replace('_', '-')} {getattr(args, k, None)} but the run's resume "
                  f"state was written with {v}; restore args.json (nothing was changed)")
     return args
+
+
+def flag_value(argv, flag: str) -> str:
+    """The value of --flag in argv (--flag V or --flag=V; '' if none follows)."""
+    i = next(i for i, a in enumerate(argv) if a.replace("_", "-").split("=", 1)[0] == f"--{flag}")
+    return argv[i].split("=", 1)[1] if "=" in argv[i] else (argv[i + 1] if i + 1 < len(argv) else "")
+
+
+def args_from_json(args_cls, saved: dict):
+    """Args from a run's flags as JSON (args.json, a resume state's header): lists back to tuples."""
+    return args_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+
+
+def fork_state_path(source: str) -> Path:
+    """--fork SOURCE: a run directory (its latest resume state) or a resume-state file (e.g. rfcl.py's
+    <run>/stage2_start.state, kept at the stage switch)."""
+    return Path(source) / RESUME_FILE if Path(source).is_dir() else Path(source)
+
+
+def fork_args(args_cls, argv, given: set, description: str, fork_fixed: tuple[str, ...], algorithm: str):
+    """--fork SOURCE: a new run that starts from another run's resume state (any script of `algorithm`) with the flags
+    that state was written with, and the flags given here changed, except `fork_fixed`: those whose values the state
+    itself holds (the networks' shapes, the buffers and what fills them, the generators, the demos), which would
+    otherwise be ignored without a word. The parent's files are only read."""
+    for flag in ("resume", "checkpoint", "evaluate", "preset"):
+        if flag in given:
+            fail(f"--fork cannot be given with --{flag}: a fork takes the networks, buffers and flags of the state it "
+                 f"starts from" + ("; give the changed flags themselves" if flag == "preset" else ""))
+    path = fork_state_path(flag_value(argv, "fork"))
+    if not path.is_file():
+        fail(f"--fork {flag_value(argv, 'fork')}: no resume state there; pass a run directory (runs/<exp-name>) or a "
+             f"resume-state file such as runs/<exp-name>/stage2_start.state")
+    header = read_resume_header(path, algorithm)
+    try:
+        base = args_from_json(args_cls, header["args"])
+    except TypeError as e:
+        fail(f"{path} was written with flags this script does not have ({e}); fork it with "
+             f"{Path(header.get('script') or algorithm + '.py').name}")
+    args = tyro.cli(args_cls, default=base, args=argv, description=description)
+    for name in fork_fixed:
+        old, new = (json.dumps(getattr(a, name), default=list) for a in (base, args))
+        if old != new:
+            fail(f"--{name.replace('_', '-')} cannot change in a fork: the resume state holds what it made (networks' "
+                 f"shapes, buffers, generators or demos); {path} was written with {old}")
+    args.fork = str(path)
+    if "exp-name" not in given:
+        args.exp_name = f"{base.exp_name}__fork{header['global_step']}__{int(time.time())}"
+    return args
+
+
+def fork_record(path: Path, header: dict, config: dict) -> dict:
+    """What a fork records of its parent (resume states and summary.json): the state it started from, the parent run,
+    the env step, and each flag it changed as [parent's, fork's]."""
+    changed = {k: [v, config.get(k)] for k, v in header["args"].items()
+               if k not in ("exp_name", "fork", "resume") and json.dumps(v) != json.dumps(config.get(k), default=list)}
+    return {"state": str(Path(path).resolve()), "parent": header["args"].get("exp_name"),
+            "global_step": header["global_step"], "changed": changed}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,15 +299,15 @@ def read_resume_header(path: Path, algorithm: Optional[str] = None, script: Opti
 
 
 def save_resume_state(path: Path, algorithm: str, script: str, config: dict, global_step: int, stage: int,
-                      payload: dict, demos: Optional[dict] = None) -> None:
+                      payload: dict, demos: Optional[dict] = None, fork: Optional[dict] = None) -> None:
     """Everything a run needs to continue exactly: a one-line JSON header (with `demos`: the demo file's path, the
-    number of demos and their content hash, see load_run_demos), then the msgpack payload (learner state,
-    optimizer states, buffers, curricula, generators, schedule). Written atomically: the previous state stays until
-    this one is complete on disk."""
+    number of demos and their content hash, see load_run_demos; with `fork`: the run's parent, fork_record), then the
+    msgpack payload (learner state, optimizer states, buffers, curricula, generators, schedule). Written atomically:
+    the previous state stays until this one is complete on disk."""
     body = serialization.msgpack_serialize(payload)
     header = {"format": RESUME_FORMAT, "version": RESUME_VERSION, "algorithm": algorithm, "script": script,
-              "global_step": global_step, "stage": stage, "args": config, "demos": demos, "payload_bytes": len(body),
-              "payload_crc32": zlib.crc32(body)}
+              "global_step": global_step, "stage": stage, "args": config, "demos": demos, "fork": fork,
+              "payload_bytes": len(body), "payload_crc32": zlib.crc32(body)}
     write_atomic(path, [json.dumps(header).encode() + b"\n", body])
 
 
@@ -272,15 +330,28 @@ def load_resume_state(path: Path, algorithm: str, script: Optional[str] = None,
     return header, serialization.msgpack_restore(body)
 
 
+def load_start_state(run_dir: Path, resume: Optional[str], fork: Optional[str], algorithm: str, script: str,
+                     total_timesteps: int, config: dict) -> tuple[dict, Optional[dict], Optional[dict]]:
+    """(header, payload, fork record) of the state a run starts from: its own resume state (--resume), another run's
+    (--fork: fork_record of it), or none (a new run: {}, None, None). A resumed fork keeps its fork record."""
+    if resume:
+        header, payload = load_resume_state(run_dir / RESUME_FILE, algorithm, script, total_timesteps)
+        return header, payload, header.get("fork")
+    if fork:
+        header, payload = load_resume_state(fork_state_path(fork), algorithm, None, total_timesteps)
+        return header, payload, fork_record(fork_state_path(fork), header, config)
+    return {}, None, None
+
+
 def load_run_demos(header: dict, env_id: str, obs_mode: str, control_mode: str, num_demos: int,
-                   dataset_path: Optional[str], env_states: bool) -> tuple[common.Demos, Path, dict]:
+                   dataset_path: Optional[str], sim_config: dict, env_states: bool) -> tuple[common.Demos, Path, dict]:
     """The demos a run trains on (common.get_and_load_demos), and the record of them its resume states keep. A resumed
     run (header: its resume state's) loads --dataset-path if given, else the file it began with, and continues only
     on the demos it began with: the same content, wherever the file now is (states written before they recorded their
     demos are not checked)."""
     saved = header.get("demos")
     demos, path = common.get_and_load_demos(env_id, obs_mode, control_mode, num_demos,
-                                            dataset_path or (saved or {}).get("path"), env_states=env_states)
+                                            dataset_path or (saved or {}).get("path"), env_states, sim_config)
     digest = common.demos_digest(demos)
     if saved and saved["sha256"] != digest:
         fail(f"{path} holds other demos than the run began with ({saved['num_demos']} demos of {saved['path']}, "
@@ -300,6 +371,12 @@ def save_checkpoint(path: Path, meta: dict, networks: dict, global_step: int, ex
     write_atomic(path, serialization.msgpack_serialize(payload))
 
 
+def checkpoint_sim_config(ckpt: dict) -> dict:
+    """The physics a checkpoint was trained under (vector_env.sim_config; checkpoints written before --sim-config
+    existed: the task's own, {})."""
+    return ckpt.get("sim_config") or {}
+
+
 def load_checkpoint(path: str) -> dict:
     """Read a checkpoint and check that it is one, whole; a one-line error if not."""
     p = Path(path)
@@ -315,15 +392,18 @@ def load_checkpoint(path: str) -> dict:
     return ckpt
 
 
-def load_run_checkpoint(path: str, env_id: str, obs_mode: str, control_mode: str, script: str,
+def load_run_checkpoint(path: str, env_id: str, obs_mode: str, control_mode: str, sim_config: dict, script: str,
                         networks_like: Optional[Callable[[int, int], dict]] = None) -> dict:
-    """--checkpoint of a run, read and checked before anything is built: trained with the run's env id and modes,
-    and (given `networks_like(obs_dim, act_dim)`, the networks `script` builds with the run's flags, as shapes) holding
-    networks of that tree and shapes. Each mismatch is one line."""
+    """--checkpoint of a run, read and checked before anything is built: trained with the run's env id, modes and
+    physics (--sim-config), and (given `networks_like(obs_dim, act_dim)`, the networks `script` builds with the run's
+    flags, as shapes) holding networks of that tree and shapes. Each mismatch is one line."""
     ckpt = load_checkpoint(path)
     for flag, want in (("env-id", env_id), ("control-mode", control_mode), ("obs-mode", obs_mode)):
         if ckpt[flag.replace("-", "_")] != want:
             fail(f"{path} was trained with --{flag} {ckpt[flag.replace('-', '_')]}, not {want}; pass the same")
+    if checkpoint_sim_config(ckpt) != sim_config:
+        fail(f"{path} was trained under the physics {common.physics_name(checkpoint_sim_config(ckpt))}, not "
+             f"{common.physics_name(sim_config)}; pass the same --sim-config")
     if networks_like is None:
         return ckpt
     want = jax.eval_shape(lambda: networks_like(int(ckpt["obs_dim"]), int(ckpt["act_dim"])))

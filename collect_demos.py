@@ -76,7 +76,7 @@ def load_policy(path: str, script: Optional[str] = None):
 
 def make_env_kwargs(ckpt: dict, max_steps: int, num_envs: int, sim_backend: str, render: bool) -> dict:
     return vector_env.env_kwargs(ckpt["obs_mode"], ckpt["control_mode"], num_envs, sim_backend, 256 if render else None,
-                                 max_steps)
+                                 max_steps, bookkeeping.checkpoint_sim_config(ckpt))  # the physics it was trained in
 
 
 SOURCE_DESC = "rollouts of a {algo} policy (deterministic actions) from checkpoint {path}"

@@ -55,10 +55,20 @@ def _file_modes(meta: dict) -> tuple[str | None, str | None, str | None]:
     return info.get("env_id"), kw.get("obs_mode"), kw.get("control_mode")
 
 
-def find_demo_file(env_id: str, obs_mode: str, control_mode: str, min_demos: int = 1) -> Path | None:
-    """The cached/downloaded trajectory file under demo_dir()/env_id with the requested modes and at
-    least `min_demos` trajectories; the largest such file wins (so an official dataset beats a small
-    generated one). None if there is none."""
+def file_sim_config(meta: dict) -> dict:
+    """The physics a trajectory file was recorded under: the sim_config of its env_kwargs ({}: the task's own)."""
+    return meta.get("env_info", {}).get("env_kwargs", {}).get("sim_config") or {}
+
+
+def physics_name(sim_config: dict) -> str:
+    return json.dumps(sim_config, sort_keys=True) if sim_config else "the task's own (no --sim-config)"
+
+
+def find_demo_file(env_id: str, obs_mode: str, control_mode: str, min_demos: int = 1,
+                   sim_config: Optional[dict] = None) -> Path | None:
+    """The cached/downloaded trajectory file under demo_dir()/env_id with the requested modes and physics
+    (sim_config, {} or None: the task's own) and at least `min_demos` trajectories; the largest such file wins (so an
+    official dataset beats a small generated one). None if there is none."""
     best, best_n = None, -1
     for h5 in sorted((demo_dir() / env_id).rglob("*.h5")):
         js = h5.with_suffix(".json")
@@ -68,7 +78,7 @@ def find_demo_file(env_id: str, obs_mode: str, control_mode: str, min_demos: int
             meta = read_json(js)
         except (OSError, ValueError):
             continue
-        if _file_modes(meta) != (env_id, obs_mode, control_mode):
+        if _file_modes(meta) != (env_id, obs_mode, control_mode) or file_sim_config(meta) != (sim_config or {}):
             continue
         n = len(meta.get("episodes", []))
         if n >= min_demos and n > best_n:
@@ -77,19 +87,19 @@ def find_demo_file(env_id: str, obs_mode: str, control_mode: str, min_demos: int
 
 
 def get_demos(env_id: str, obs_mode: str, control_mode: str, num_demos: int,
-              dataset_path: str | None = None) -> Path:
+              dataset_path: str | None = None, sim_config: Optional[dict] = None) -> Path:
     """Path of a trajectory file with >= num_demos demos: `dataset_path` if given, else cached, else made
-    (demo_making: downloaded, else generated offline)."""
+    (demo_making: downloaded, else generated offline), under the physics `sim_config` ({} or None: the task's own)."""
     if dataset_path:
         return Path(dataset_path)
-    found = find_demo_file(env_id, obs_mode, control_mode, num_demos)
+    found = find_demo_file(env_id, obs_mode, control_mode, num_demos, sim_config)
     if found is not None:
         return found
-    print(f"[demos] no cached {env_id} demos ({obs_mode}, {control_mode}, >= {num_demos}) in {demo_dir()}",
-          flush=True)
+    print(f"[demos] no cached {env_id} demos ({obs_mode}, {control_mode}, >= {num_demos}"
+          f"{', --sim-config ' + json.dumps(sim_config) if sim_config else ''}) in {demo_dir()}", flush=True)
     import demo_making  # only when demos must be made: it imports this module
 
-    return demo_making.make_demos(env_id, obs_mode, control_mode, num_demos)
+    return demo_making.make_demos(env_id, obs_mode, control_mode, num_demos, sim_config or {})
 
 
 # Loading
@@ -128,10 +138,10 @@ def _read_group(g: h5py.Group) -> dict:
 
 def load_demos(path, num_demos: int, env_id: str | None = None, obs_mode: str | None = None,
                control_mode: str | None = None, obs_dim: int | None = None, act_dim: int | None = None,
-               env_states: bool = True) -> Demos:
+               env_states: bool = True, sim_config: dict | None = None) -> Demos:
     """Load and validate the first `num_demos` trajectories of a ManiSkill trajectory file (.h5 + .json).
 
-    Every check that is given a value (env id, modes, dims) is enforced; each failure is a DemoError
+    Every check that is given a value (env id, modes, physics, dims) is enforced; each failure is a DemoError
     whose one-line message names the file and the fix. `env_states=False` loads files without simulator
     states (rlpd.py needs only observations, actions and success).
     """
@@ -166,6 +176,10 @@ def load_demos(path, num_demos: int, env_id: str | None = None, obs_mode: str | 
                         f"mani_skill.trajectory.replay_trajectory --traj-path {path} "
                         f"--use-first-env-state -o {obs} -c {ctrl} --save-traj --num-envs 1 and pass --dataset-path "
                         f"{path.with_name(f'{path.stem}.{obs}.{ctrl}.physx_cpu.h5')}")
+    if sim_config is not None and file_sim_config(meta) != sim_config:
+        raise DemoError(f"{path} was recorded under the physics {physics_name(file_sim_config(meta))}, the run "
+                        f"simulates {physics_name(sim_config)}: demos of other physics are not mixed in; pass demos "
+                        f"made with the same --sim-config, or omit --dataset-path to use or make such demos")
     if num_demos < 1:
         raise DemoError(f"--num-demos must be >= 1 (got {num_demos})")
     if num_demos > len(episodes):
@@ -226,11 +240,13 @@ def load_demos(path, num_demos: int, env_id: str | None = None, obs_mode: str | 
 
 
 def get_and_load_demos(env_id: str, obs_mode: str, control_mode: str, num_demos: int, dataset_path: Optional[str],
-                       env_states: bool) -> tuple[Demos, Path]:
-    """The first num_demos demos (found, downloaded or generated) and their file; a problem is a one-line error."""
+                       env_states: bool, sim_config: Optional[dict] = None) -> tuple[Demos, Path]:
+    """The first num_demos demos (found, downloaded or generated) and their file, recorded under the physics
+    sim_config ({} or None: the task's own); a problem is a one-line error."""
     try:
-        path = get_demos(env_id, obs_mode, control_mode, num_demos, dataset_path)
-        return load_demos(path, num_demos, env_id, obs_mode, control_mode, env_states=env_states), path
+        path = get_demos(env_id, obs_mode, control_mode, num_demos, dataset_path, sim_config)
+        return load_demos(path, num_demos, env_id, obs_mode, control_mode, env_states=env_states,
+                          sim_config=sim_config or {}), path
     except DemoError as e:
         fail(str(e))
 

@@ -3,6 +3,7 @@ requested obs and control modes. Read it to change where demos come from; common
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -54,9 +55,11 @@ def _convert(raw_h5: Path, obs_mode: str, control_mode: str, cwd: Path) -> Path:
     return out
 
 
-def generate_demos(env_id: str, obs_mode: str, control_mode: str, num_demos: int) -> Path:
-    """Generate >= num_demos successful demos offline with ManiSkill's motion planner, convert them, and
-    cache them in demo_dir()/env_id/motionplanning/. Files appear atomically (json last)."""
+def generate_demos(env_id: str, obs_mode: str, control_mode: str, num_demos: int,
+                   sim_config: dict | None = None) -> Path:
+    """Generate >= num_demos successful demos offline with ManiSkill's motion planner under the physics sim_config
+    ({} or None: the task's own; both files record it in their env_kwargs, and the conversion replays under it),
+    convert them, and cache them in demo_dir()/env_id/motionplanning/. Files appear atomically (json last)."""
     if env_id not in MOTION_PLANNING_ENVS:
         raise DemoError(f"no demos for {env_id} on disk, none downloadable here, and ManiSkill has no motion "
                         f"planner for it; record demos (ManiSkill trajectory .h5) and pass --dataset-path")
@@ -70,7 +73,7 @@ def generate_demos(env_id: str, obs_mode: str, control_mode: str, num_demos: int
         tmp = Path(tmp)
         stats_path = tmp / "planner_stats.json"
         _run([sys.executable, str(Path(__file__).resolve()), "plan-demos", env_id, str(n_gen),
-              str(planner_attempts(n_gen)), str(tmp / name), str(stats_path)],
+              str(planner_attempts(n_gen)), str(tmp / name), str(stats_path), json.dumps(sim_config or {})],
              tmp, f"generating {n_gen} demos with the motion planner")
         stats = common.read_json(stats_path)
         print(f"[demos] planner: {stats['successes']}/{stats['attempts']} attempts solved "
@@ -99,7 +102,7 @@ def planner_attempts(num_demos: int) -> int:
     return 3 * num_demos + 10
 
 
-def plan_demos(env_id: str, num_demos: int, max_attempts: int, out_stem: str) -> dict:
+def plan_demos(env_id: str, num_demos: int, max_attempts: int, out_stem: str, sim_config: dict | None = None) -> dict:
     """Run ManiSkill's motion-planning solution of env_id on seeds 0, 1, ... until num_demos succeed or
     max_attempts are spent; record the successful ones (pd_joint_pos, env states) to out_stem.h5/.json like
     mani_skill.examples.motionplanning.panda.run does. Returns the planner's statistics. Run in a subprocess
@@ -107,7 +110,8 @@ def plan_demos(env_id: str, num_demos: int, max_attempts: int, out_stem: str) ->
     from mani_skill.examples.motionplanning.panda.run import MP_SOLUTIONS
     from mani_skill.utils.wrappers.record import RecordEpisode
 
-    env = vector_env.make_env(env_id, obs_mode="none", control_mode="pd_joint_pos", render_mode="rgb_array", sim_backend="cpu")
+    env = vector_env.make_env(env_id, obs_mode="none", control_mode="pd_joint_pos", render_mode="rgb_array",
+                              sim_backend="cpu", **({"sim_config": sim_config} if sim_config else {}))
     out = Path(out_stem)
     env = RecordEpisode(env, output_dir=str(out.parent), trajectory_name=out.name, save_video=False,
                         source_type="motionplanning",
@@ -157,19 +161,22 @@ def _download_demos(env_id: str, obs_mode: str, control_mode: str) -> Path | Non
 
 
 
-def make_demos(env_id: str, obs_mode: str, control_mode: str, num_demos: int) -> Path:
-    """A trajectory file with >= num_demos demos of env_id in the requested modes: downloaded if the network allows,
-    else generated offline with the motion planner; cached in demo_dir()/env_id."""
-    path = _download_demos(env_id, obs_mode, control_mode)
+def make_demos(env_id: str, obs_mode: str, control_mode: str, num_demos: int, sim_config: dict | None = None) -> Path:
+    """A trajectory file with >= num_demos demos of env_id in the requested modes: downloaded if the network allows
+    (ManiSkill's own demos, recorded under the task's own physics: not with a sim_config), else generated offline with
+    the motion planner; cached in demo_dir()/env_id."""
+    path = None if sim_config else _download_demos(env_id, obs_mode, control_mode)
     if path is not None and len(common.read_json(path.with_suffix(".json"))["episodes"]) >= num_demos:
         return path
-    return generate_demos(env_id, obs_mode, control_mode, num_demos)
+    return generate_demos(env_id, obs_mode, control_mode, num_demos, sim_config)
 
 
 if __name__ == "__main__":
-    # python demo_making.py plan-demos ENV_ID NUM_DEMOS MAX_ATTEMPTS OUT_STEM STATS_JSON  (used by generate_demos)
-    if len(sys.argv) == 7 and sys.argv[1] == "plan-demos":
-        _, _, env_id_, n_, budget_, stem_, stats_ = sys.argv
-        bookkeeping.write_json(Path(stats_), plan_demos(env_id_, int(n_), int(budget_), stem_))
+    # python demo_making.py plan-demos ENV_ID NUM_DEMOS MAX_ATTEMPTS OUT_STEM STATS_JSON SIM_CONFIG_JSON
+    # (used by generate_demos)
+    if len(sys.argv) == 8 and sys.argv[1] == "plan-demos":
+        _, _, env_id_, n_, budget_, stem_, stats_, sim_ = sys.argv
+        bookkeeping.write_json(Path(stats_), plan_demos(env_id_, int(n_), int(budget_), stem_, json.loads(sim_)))
     else:
-        common.fail("usage: python demo_making.py plan-demos ENV_ID NUM_DEMOS MAX_ATTEMPTS OUT_STEM STATS_JSON")
+        common.fail("usage: python demo_making.py plan-demos ENV_ID NUM_DEMOS MAX_ATTEMPTS OUT_STEM STATS_JSON "
+                    "SIM_CONFIG_JSON")

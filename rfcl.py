@@ -77,6 +77,9 @@ class Args:
     50 for PickCube, StackCube, PushCube; 100 for PegInsertionSide, PullCubeTool; 200 for PlugCharger)"""
     render_size: int = 256
     """side of eval video frames in pixels (CPU rendering costs ~ size^2)"""
+    sim_config: Optional[str] = None
+    """physics over the task's own, for every env the run builds (and its demos): `ms2` (ManiSkill2's: 500 Hz, 25
+    solver iterations, friction 1.0) or a JSON object of ManiSkill's SimConfig fields, e.g. '{"sim_freq": 500}'"""
 
     # demonstrations
     num_demos: int = 5
@@ -120,6 +123,10 @@ class Args:
     """continue the run in this directory (runs/<exp-name>) exactly where its resume state left it (written every
     --save-freq steps, at the stage switch, at the end, and on Ctrl-C / SIGTERM). Its args.json fixes every flag
     except --total-timesteps, --eval-freq, --save-freq, --capture-video and --num-eval-episodes"""
+    fork: Optional[str] = None
+    """start a new run (--exp-name) from another run's resume state: a run directory (its latest) or a .state file (e.g.
+    runs/<exp-name>/stage2_start.state, kept at the stage switch);
+    with the flags given here changed, except FORK_FIXED (what the state holds)"""
     evaluate: bool = False
     """only evaluate --checkpoint (with video) and print the metrics"""
 
@@ -203,13 +210,18 @@ TASK_DEFAULTS = {
 RESUME_FLAGS = ("total-timesteps", "target-success", "target-evals", "eval-freq", "save-freq", "capture-video",
                 "no-capture-video", "num-eval-episodes", "dataset-path")
 
+# flags a --fork cannot change: the resume state holds what they made (the networks' shapes, the buffers and the data in
+# them, the generators, the demos, the forward curriculum's pool, the learned temperature)
+FORK_FIXED = ("env_id", "obs_mode", "control_mode", "sim_backend", "sim_config", "seed", "hidden_dims", "num_qs",
+              "buffer_size", "num_demos", "demo_action_scale", "num_seeds", "bootstrap_at_done", "init_temperature")
+
 
 def parse_args(argv=None) -> Args:
     """The command line over the layered defaults (bookkeeping.parse_args): Args, then the env's registered horizon
     and TASK_DEFAULTS, then --preset, then the flags given."""
     return bookkeeping.parse_args(Args, PRESETS, __doc__, lambda a: {
         "max_episode_steps": vector_env.registered_horizon(a.env_id), **TASK_DEFAULTS.get(a.env_id, {})},
-        RESUME_FLAGS, ALGORITHM, SCRIPT, argv)
+        RESUME_FLAGS, ALGORITHM, SCRIPT, argv, FORK_FIXED)
 
 
 def check_args(args: Args) -> None:
@@ -500,7 +512,8 @@ def with_networks(s: SACState, ckpt: dict) -> SACState:
 def checkpoint_meta(args: Args, obs_dim: int, act_dim: int) -> dict:
     """What a checkpoint says of itself besides the networks (bookkeeping.save_checkpoint)."""
     return {"algorithm": ALGORITHM, "script": SCRIPT, "env_id": args.env_id, "obs_mode": args.obs_mode,
-            "control_mode": args.control_mode, "obs_dim": obs_dim, "act_dim": act_dim,
+            "control_mode": args.control_mode, "sim_config": vector_env.sim_config(args.sim_config),
+            "obs_dim": obs_dim, "act_dim": act_dim,
             "hidden_dims": list(args.hidden_dims), "num_qs": args.num_qs, "args": json.dumps(dataclasses.asdict(args))}
 
 
@@ -756,30 +769,32 @@ def main(args: Args) -> None:
     warnings.filterwarnings("ignore", module="mani_skill")
     # nothing is built or written before the flags, the --checkpoint and the --resume state are checked
     check_args(args)
+    physics = vector_env.sim_config(args.sim_config)
     ckpt = bookkeeping.load_run_checkpoint(
-        args.checkpoint, args.env_id, args.obs_mode, args.control_mode, SCRIPT,
+        args.checkpoint, args.env_id, args.obs_mode, args.control_mode, physics, SCRIPT,
         None if args.evaluate else lambda o, a: networks(init_sac(args, o, a, jax.random.PRNGKey(0))[2]),
     ) if args.checkpoint else None
     if args.evaluate:  # with the networks of the script that wrote the checkpoint
         return bookkeeping.evaluate_checkpoint(
             ckpt, args.checkpoint, bookkeeping.new_run_dir(args.exp_name), lambda: vector_env.make_envs(
                 args.env_id, args.num_eval_envs, args.sim_backend, args.obs_mode, args.control_mode,
-                args.render_size if args.capture_video else None),
+                args.render_size if args.capture_video else None, physics),
             dataclasses.asdict(args), args.max_episode_steps, args.num_eval_episodes, args.capture_video)
     run_dir = Path(args.resume) if args.resume else bookkeeping.new_run_dir(args.exp_name)
     if args.resume:  # one writer per run directory
         bookkeeping.lock_run_dir(run_dir)
-    header, resumed = bookkeeping.load_resume_state(run_dir / bookkeeping.RESUME_FILE, ALGORITHM, SCRIPT,
-                                                    args.total_timesteps) if args.resume else ({}, None)
+    header, resumed, fork = bookkeeping.load_start_state(run_dir, args.resume, args.fork, ALGORITHM, SCRIPT,
+                                                         args.total_timesteps, dataclasses.asdict(args))
     rng = np.random.default_rng(args.seed)
     key = jax.random.PRNGKey(args.seed)
 
     # ---- demos, envs, networks, buffers ---------------------------------------------------------------
     demos, path, demo_record = bookkeeping.load_run_demos(header, args.env_id, args.obs_mode, args.control_mode,
-                                                          args.num_demos, args.dataset_path, env_states=True)
-    envs = vector_env.make_envs(args.env_id, args.num_envs, args.sim_backend, args.obs_mode, args.control_mode)
+                                                          args.num_demos, args.dataset_path, physics, env_states=True)
+    envs = vector_env.make_envs(args.env_id, args.num_envs, args.sim_backend, args.obs_mode, args.control_mode,
+                                sim_config=physics)
     eval_envs = vector_env.make_envs(args.env_id, args.num_eval_envs, args.sim_backend, args.obs_mode,
-                                     args.control_mode, args.render_size if args.capture_video else None)
+                                     args.control_mode, args.render_size if args.capture_video else None, physics)
     obs_dim, act_dim = envs.obs_dim, envs.act_dim
     common.check_demo_dims(demos, path, obs_dim, act_dim, args.env_id, args.control_mode)
     if ckpt is not None and (int(ckpt["obs_dim"]), int(ckpt["act_dim"])) != (obs_dim, act_dim):
@@ -809,14 +824,15 @@ def main(args: Args) -> None:
         state, key, online, offline, loop = restore(resumed, state, rng, reverse, forward)
         global_step, stage, stage1_end_step, grad_updates = (loop[k] for k in (
             "global_step", "stage", "stage1_end_step", "grad_updates"))
-        print(f"resumed at env step {global_step} (stage {stage}, online buffer {online.size}, offline buffer "
+        print(f"{'resumed' if args.resume else 'forked from ' + fork['state']} at env step {global_step} (stage "
+              f"{stage}, online buffer {online.size}, offline buffer "
               f"{offline.size})", flush=True)
     stop_signals.exit_if_signalled()
     bookkeeping.make_run_dir(run_dir, dataclasses.asdict(args), resuming=bool(args.resume))
     print(f"run directory: {run_dir}", flush=True)
     print(f"{demos.num_trajectories} demos from {path} (lengths {demos.lengths.tolist()})", flush=True)
     writer = bookkeeping.open_writer(run_dir, dataclasses.asdict(args), args.wandb_project_name if args.track else None,
-                                     resume_step=global_step if resumed else None)
+                                     resume_step=global_step if args.resume else None)
     run = bookkeeping.RunLog(run_dir, writer, args.total_timesteps, args.log_freq, args.eval_freq, args.save_freq,
                              args.max_episode_steps, args.num_eval_episodes, args.capture_video, args.target_success,
                              args.target_evals)
@@ -924,13 +940,13 @@ def main(args: Args) -> None:
                 bookkeeping.save_resume_state(run_dir / bookkeeping.RESUME_FILE, ALGORITHM, SCRIPT,
                                               dataclasses.asdict(args), global_step, stage,
                                               resume_state(state, key, rng, reverse, forward, online, offline, loop,
-                                                           run), demos=demo_record)
+                                                           run), demos=demo_record, fork=fork)
                 if switched:  # kept as written: a later run can start from stage 2's first step (--fork)
                     bookkeeping.copy_atomic(run_dir / bookkeeping.RESUME_FILE, run_dir / SWITCH_STATE)
             if not done:  # as after a resume
                 obs = start_episodes(np.ones(n, bool), eps, envs, stage, reverse, forward, demos, args)
     run.finish(global_step, stop if stopping else None, stage=stage, stage1_end_step=stage1_end_step,
-               grad_updates=grad_updates)
+               grad_updates=grad_updates, forked_from=fork)
     envs.close(now=stopping)
     eval_envs.close(now=stopping)
     if stopping:

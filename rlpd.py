@@ -74,6 +74,9 @@ class Args:
     PickCube, StackCube, PushCube; 100 for PegInsertionSide, PullCubeTool; 200 for PlugCharger)"""
     render_size: int = 256
     """side of eval video frames in pixels (CPU rendering costs ~ size^2)"""
+    sim_config: Optional[str] = None
+    """physics over the task's own, for every env the run builds (and its demos): `ms2` (ManiSkill2's: 500 Hz, 25
+    solver iterations, friction 1.0) or a JSON object of ManiSkill's SimConfig fields, e.g. '{"sim_freq": 500}'"""
 
     # demonstrations
     num_demos: int = 100
@@ -113,6 +116,9 @@ class Args:
     """continue the run in this directory (runs/<exp-name>) exactly where its resume state left it (written every
     --save-freq steps, at the end, and on Ctrl-C / SIGTERM). Its args.json fixes every flag except
     --total-timesteps, --eval-freq, --save-freq, --capture-video and --num-eval-episodes"""
+    fork: Optional[str] = None
+    """start a new run (--exp-name) from another run's resume state: a run directory (its latest) or a .state file;
+    with the flags given here changed, except FORK_FIXED (what the state holds)"""
     evaluate: bool = False
     """only evaluate --checkpoint (with video) and print the metrics"""
 
@@ -170,13 +176,18 @@ TASK_DEFAULTS = {
 RESUME_FLAGS = ("total-timesteps", "target-success", "target-evals", "eval-freq", "save-freq", "capture-video",
                 "no-capture-video", "num-eval-episodes", "dataset-path")
 
+# flags a --fork cannot change: the resume state holds what they made (the networks' shapes, the buffers and the data in
+# them, the generators, the demos, the learned temperature)
+FORK_FIXED = ("env_id", "obs_mode", "control_mode", "sim_backend", "sim_config", "seed", "hidden_dims", "num_qs",
+              "buffer_size", "num_demos", "bootstrap_at_done", "init_temperature")
+
 
 def parse_args(argv=None) -> Args:
     """The command line over the layered defaults (bookkeeping.parse_args): Args, then the env's registered horizon
     and TASK_DEFAULTS, then --preset, then the flags given."""
     return bookkeeping.parse_args(Args, PRESETS, __doc__, lambda a: {
         "max_episode_steps": vector_env.registered_horizon(a.env_id), **TASK_DEFAULTS.get(a.env_id, {})},
-        RESUME_FLAGS, ALGORITHM, SCRIPT, argv)
+        RESUME_FLAGS, ALGORITHM, SCRIPT, argv, FORK_FIXED)
 
 
 def check_args(args: Args) -> None:
@@ -319,7 +330,8 @@ def with_networks(s: SACState, ckpt: dict) -> SACState:
 def checkpoint_meta(args: Args, obs_dim: int, act_dim: int) -> dict:
     """What a checkpoint says of itself besides the networks (bookkeeping.save_checkpoint)."""
     return {"algorithm": ALGORITHM, "script": SCRIPT, "env_id": args.env_id, "obs_mode": args.obs_mode,
-            "control_mode": args.control_mode, "obs_dim": obs_dim, "act_dim": act_dim,
+            "control_mode": args.control_mode, "sim_config": vector_env.sim_config(args.sim_config),
+            "obs_dim": obs_dim, "act_dim": act_dim,
             "hidden_dims": list(args.hidden_dims), "num_qs": args.num_qs, "args": json.dumps(dataclasses.asdict(args))}
 
 
@@ -526,31 +538,33 @@ def main(args: Args) -> None:
     warnings.filterwarnings("ignore", module="mani_skill")
     # nothing is built or written before the flags, the --checkpoint and the --resume state are checked
     check_args(args)
+    physics = vector_env.sim_config(args.sim_config)
     ckpt = bookkeeping.load_run_checkpoint(
-        args.checkpoint, args.env_id, args.obs_mode, args.control_mode, SCRIPT,
+        args.checkpoint, args.env_id, args.obs_mode, args.control_mode, physics, SCRIPT,
         None if args.evaluate else lambda o, a: networks(init_sac(args, o, a, jax.random.PRNGKey(0))[2]),
     ) if args.checkpoint else None
     if args.evaluate:  # with the networks of the script that wrote the checkpoint
         return bookkeeping.evaluate_checkpoint(
             ckpt, args.checkpoint, bookkeeping.new_run_dir(args.exp_name), lambda: vector_env.make_envs(
                 args.env_id, args.num_eval_envs, args.sim_backend, args.obs_mode, args.control_mode,
-                args.render_size if args.capture_video else None),
+                args.render_size if args.capture_video else None, physics),
             dataclasses.asdict(args), args.max_episode_steps, args.num_eval_episodes, args.capture_video)
     run_dir = Path(args.resume) if args.resume else bookkeeping.new_run_dir(args.exp_name)
     if args.resume:  # one writer per run directory
         bookkeeping.lock_run_dir(run_dir)
-    header, resumed = bookkeeping.load_resume_state(run_dir / bookkeeping.RESUME_FILE, ALGORITHM, SCRIPT,
-                                                    args.total_timesteps) if args.resume else ({}, None)
+    header, resumed, fork = bookkeeping.load_start_state(run_dir, args.resume, args.fork, ALGORITHM, SCRIPT,
+                                                         args.total_timesteps, dataclasses.asdict(args))
     rng = np.random.default_rng(args.seed)
     key = jax.random.PRNGKey(args.seed)
 
     # ---- demos, envs, networks, buffers ---------------------------------------------------------------
     # observations, actions and success only
     demos, path, demo_record = bookkeeping.load_run_demos(header, args.env_id, args.obs_mode, args.control_mode,
-                                                          args.num_demos, args.dataset_path, env_states=False)
-    envs = vector_env.make_envs(args.env_id, args.num_envs, args.sim_backend, args.obs_mode, args.control_mode)
+                                                          args.num_demos, args.dataset_path, physics, env_states=False)
+    envs = vector_env.make_envs(args.env_id, args.num_envs, args.sim_backend, args.obs_mode, args.control_mode,
+                                sim_config=physics)
     eval_envs = vector_env.make_envs(args.env_id, args.num_eval_envs, args.sim_backend, args.obs_mode,
-                                     args.control_mode, args.render_size if args.capture_video else None)
+                                     args.control_mode, args.render_size if args.capture_video else None, physics)
     obs_dim, act_dim = envs.obs_dim, envs.act_dim
     common.check_demo_dims(demos, path, obs_dim, act_dim, args.env_id, args.control_mode)
     if ckpt is not None and (int(ckpt["obs_dim"]), int(ckpt["act_dim"])) != (obs_dim, act_dim):
@@ -571,14 +585,15 @@ def main(args: Args) -> None:
     if resumed:
         state, key, online, loop = restore(resumed, state, rng)
         global_step, grad_updates = loop["global_step"], loop["grad_updates"]
-        print(f"resumed at env step {global_step} (online buffer {online.size})", flush=True)
+        print(f"{'resumed' if args.resume else 'forked from ' + fork['state']} at env step {global_step} (online "
+              f"buffer {online.size})", flush=True)
     stop_signals.exit_if_signalled()
     bookkeeping.make_run_dir(run_dir, dataclasses.asdict(args), resuming=bool(args.resume))
     print(f"run directory: {run_dir}", flush=True)
     print(f"{demos.num_trajectories} demos from {path} ({int(sum(e.get('success', True) for e in demos.episodes))} "
           f"successful, {len(demos.rewards)} transitions)", flush=True)
     writer = bookkeeping.open_writer(run_dir, dataclasses.asdict(args), args.wandb_project_name if args.track else None,
-                                     resume_step=global_step if resumed else None)
+                                     resume_step=global_step if args.resume else None)
     run = bookkeeping.RunLog(run_dir, writer, args.total_timesteps, args.log_freq, args.eval_freq, args.save_freq,
                              args.max_episode_steps, args.num_eval_episodes, args.capture_video, args.target_success,
                              args.target_evals)
@@ -662,10 +677,11 @@ def main(args: Args) -> None:
             with run.timed("save"):
                 bookkeeping.save_resume_state(run_dir / bookkeeping.RESUME_FILE, ALGORITHM, SCRIPT,
                                               dataclasses.asdict(args), global_step, 1,
-                                              resume_state(state, key, rng, online, loop, run), demos=demo_record)
+                                              resume_state(state, key, rng, online, loop, run), demos=demo_record,
+                                              fork=fork)
             if not done:  # as after a resume
                 obs = start_episodes(np.ones(n, bool), eps, envs, rng)
-    run.finish(global_step, stop if stopping else None, grad_updates=grad_updates)
+    run.finish(global_step, stop if stopping else None, grad_updates=grad_updates, forked_from=fork)
     envs.close(now=stopping)
     eval_envs.close(now=stopping)
     if stopping:

@@ -13,8 +13,10 @@ An env started from a given state returns the given observation: right after set
 from __future__ import annotations
 
 import atexit
+import copy
 import gc
 import inspect
+import json
 import logging
 import multiprocessing.util  # registers multiprocessing's exit handler, before _kill_env_workers
 import os
@@ -24,6 +26,7 @@ from functools import partial
 from pathlib import Path
 from typing import Optional
 
+import dacite
 import gymnasium as gym
 import jax
 import mani_skill.envs  # noqa: F401 - registers ManiSkill's envs with gymnasium
@@ -49,13 +52,54 @@ mani_skill.logger.addFilter(_SaidByTheMainProcess())
 GPU_PHYSX = "physx_cuda"
 
 
+# --sim-config by name: ManiSkill simulation settings over the task's own. "ms2": ManiSkill2's BaseEnv defaults, the
+# physics of the RFCL paper's curves (500 Hz, 25 solver position iterations, friction 1.0; ManiSkill3: 100 Hz, 15, 0.3).
+SIM_CONFIGS = {
+    "default": {},
+    "ms2": {"sim_freq": 500, "scene_config": {"solver_position_iterations": 25},
+            "default_materials_config": {"static_friction": 1.0, "dynamic_friction": 1.0}},
+}
+
+
+def sim_config(spec: Optional[str]) -> dict:
+    """--sim-config as the dict gym.make takes (sim_config=): a name of SIM_CONFIGS or a JSON object of ManiSkill's
+    SimConfig fields, checked the way ManiSkill checks it (field names and types) before any env is built; {} keeps
+    the task's own settings. Anything else is one line."""
+    from mani_skill.utils.common import dict_merge
+    from mani_skill.utils.structs.types import SimConfig
+
+    if spec is None or spec in SIM_CONFIGS:
+        return copy.deepcopy(SIM_CONFIGS[spec or "default"])
+    try:
+        given = json.loads(spec)
+    except ValueError:
+        given = None
+    if not isinstance(given, dict):
+        common.fail(f"--sim-config takes {' or '.join(SIM_CONFIGS)} or a JSON object of ManiSkill's SimConfig fields "
+                    f"(e.g. '{{\"sim_freq\": 500, \"scene_config\": {{\"solver_position_iterations\": 25}}}}'), got "
+                    f"{spec!r}")
+    merged = SimConfig().dict()
+    dict_merge(merged, copy.deepcopy(given))
+    try:
+        cfg = dacite.from_dict(SimConfig, merged, config=dacite.Config(strict=True))
+    except dacite.DaciteError as e:
+        common.fail(f"--sim-config {spec}: {e} (ManiSkill's SimConfig has {', '.join(SimConfig().dict())})")
+    if cfg.sim_freq < 1 or cfg.control_freq < 1 or cfg.sim_freq % cfg.control_freq:
+        common.fail(f"--sim-config: sim_freq ({cfg.sim_freq}) must be a positive multiple of control_freq "
+                    f"({cfg.control_freq})")
+    return given
+
+
 def env_kwargs(obs_mode: str, control_mode: str, num_envs: int, sim_backend: str, render_size: Optional[int] = None,
-               max_episode_steps: int = 100_000) -> dict:
+               max_episode_steps: int = 100_000, sim_config: Optional[dict] = None) -> dict:
     """gym.make keywords; a render_size renders frames of that side (videos). An env that renders nothing has no
     renderer at all (about 290 MiB less per CPU env process; the same observations). The training loop truncates
-    episodes itself: ManiSkill's own time limit is set out of reach."""
+    episodes itself: ManiSkill's own time limit is set out of reach. A sim_config (see sim_config()) is passed only
+    when it sets something, so that the task's own physics is recorded as before (a demo file's env_kwargs)."""
     kw = dict(obs_mode=obs_mode, control_mode=control_mode, reward_mode="sparse", sim_backend=sim_backend,
               num_envs=num_envs, max_episode_steps=max_episode_steps)
+    if sim_config:
+        kw["sim_config"] = sim_config
     if render_size:
         kw.update(render_mode="rgb_array", human_render_camera_configs=dict(width=render_size, height=render_size))
     else:
@@ -120,10 +164,12 @@ atexit.register(_kill_env_workers)
 class CPUEnvs:
     """num_envs CPU simulators, each in its own process, stepped in parallel."""
 
-    def __init__(self, env_id: str, num_envs: int, obs_mode: str, control_mode: str, render_size: Optional[int] = None):
+    def __init__(self, env_id: str, num_envs: int, obs_mode: str, control_mode: str, render_size: Optional[int] = None,
+                 sim_config: Optional[dict] = None):
         """render_size: env 0 renders frames of that side, for videos."""
         fns = [partial(CPUWorkerEnv, env_id, env_kwargs(obs_mode, control_mode, 1, "physx_cpu",
-                                                        render_size if i == 0 else None), i, bool(render_size) and i == 0)
+                                                        render_size if i == 0 else None, sim_config=sim_config), i,
+                       bool(render_size) and i == 0)
                for i in range(num_envs)]
         # spawn: the parent already runs JAX threads, which must not be forked
         self.envs = gym.vector.AsyncVectorEnv(fns, context="spawn", autoreset_mode=AutoresetMode.DISABLED)
@@ -171,8 +217,10 @@ class CPUEnvs:
 class GPUEnvs:
     """One ManiSkill GPU-batched env; observations reach JAX through DLPack, without a host copy."""
 
-    def __init__(self, env_id: str, num_envs: int, obs_mode: str, control_mode: str, render_size: Optional[int] = None):
-        env = gym.make(env_id, **env_kwargs(obs_mode, control_mode, num_envs, GPU_PHYSX, render_size))
+    def __init__(self, env_id: str, num_envs: int, obs_mode: str, control_mode: str, render_size: Optional[int] = None,
+                 sim_config: Optional[dict] = None):
+        env = gym.make(env_id, **env_kwargs(obs_mode, control_mode, num_envs, GPU_PHYSX, render_size,
+                                            sim_config=sim_config))
         self.recorder = common.VideoRecorder(env, env_index=0) if render_size else None
         self.env = self.recorder or env
         self.base = env.unwrapped
@@ -251,9 +299,11 @@ class GPUEnvs:
 
 
 def make_envs(env_id: str, num_envs: int, sim_backend: str, obs_mode: str, control_mode: str,
-              render_size: Optional[int] = None):
-    """The vector env of sim_backend ("cpu" or "gpu"); with a render_size, env 0 records videos."""
-    return (GPUEnvs if sim_backend == "gpu" else CPUEnvs)(env_id, num_envs, obs_mode, control_mode, render_size)
+              render_size: Optional[int] = None, sim_config: Optional[dict] = None):
+    """The vector env of sim_backend ("cpu" or "gpu"); with a render_size, env 0 records videos; sim_config: the
+    physics over the task's own (sim_config())."""
+    return (GPUEnvs if sim_backend == "gpu" else CPUEnvs)(env_id, num_envs, obs_mode, control_mode, render_size,
+                                                          sim_config)
 
 
 def check_gpu_simulation() -> None:

@@ -106,11 +106,12 @@ def probe(a: Args) -> dict:
     script = bookkeeping.checkpoint_script(ckpt, a.checkpoint, a.script)
     targs = script.Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(ckpt["args"]).items()})
     limit = targs.max_episode_steps or vector_env.registered_horizon(targs.env_id)
+    physics = bookkeeping.checkpoint_sim_config(ckpt)  # the probe simulates as training did
     demos = path = reverse = None
     if not a.initial_states:
         demos, path = common.get_and_load_demos(targs.env_id, targs.obs_mode, targs.control_mode,
                                                 a.num_demos or targs.num_demos, a.dataset_path or targs.dataset_path,
-                                                env_states=True)
+                                                True, physics)
         # the time limit of training itself (an RFCL script: stage 1's; rlpd.py: every episode has the task's
         # horizon, resolved in a checkpoint's args.json), so the probe resets and times out exactly as training
         if hasattr(script, "ReverseCurriculum"):
@@ -118,7 +119,7 @@ def probe(a: Args) -> dict:
                                                targs.demo_horizon_to_max_steps_ratio, targs.reverse_solved_frac,
                                                np.random.default_rng(0))
     env = vector_env.CPUWorkerEnv(targs.env_id, vector_env.env_kwargs(targs.obs_mode, targs.control_mode, 1,
-                                                                      "physx_cpu"))
+                                                                      "physx_cpu", sim_config=physics))
     det, sample = script.load_actor(ckpt)
     key = jax.random.PRNGKey(a.seed)
     stage_flags = TASK_FLAGS.get(targs.env_id, lambda u: {})

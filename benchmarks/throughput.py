@@ -10,7 +10,8 @@ compiles). Prints a markdown table and writes <out>/throughput_<machine>.{json,m
             rfcl.py and rlpd.py: ms per call and updates/s.
 - ensemble: the same call for the rfcl fast preset with num_qs = 2, 5, 10: ms per update.
 - envs:     env steps/s of the CPU vector env (one process per env) at 1, 2, 4, 8 envs, random actions,
-            a reset every 50 steps as in training; on a CUDA machine also the GPU backend at 64..1024 envs.
+            a reset every 50 steps as in training; on a CUDA machine also the GPU backend at 64..1024 envs. With
+            --control-mode and --sim-config (rfcl.py's physics flag): what a step costs under other physics.
 - resets:   the cost of one round of GPU resets in which every env finishes, at 16, 256 and 1024 envs: ManiSkill
             rebuilds the generators of all envs at each seeded reset call (timed here: BatchedRNG.from_seeds);
             one call per env (the old GPUEnvs) against GPUEnvs' batched resets (no seeded call for seeds with a
@@ -35,7 +36,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 import numpy as np
 
@@ -59,6 +60,10 @@ class Args:
     """GPU backend sizes (only where CUDA exists)"""
     env_steps: int = 200
     """timed steps per env for each env figure"""
+    control_mode: str = "pd_joint_delta_pos"
+    """controller of the env figures"""
+    sim_config: Optional[str] = None
+    """physics of the env figures (rfcl.py's --sim-config: ms2 or a JSON object)"""
     loop_steps: int = 20_000
     """env steps of each training-loop run; the figures cover the steps after --loop-warmup"""
     loop_warmup: int = 10_000
@@ -164,7 +169,8 @@ def bench_ensemble(a: Args, obs_dim: int, act_dim: int) -> list[dict]:
 def env_steps_per_s(args, num_envs: int, steps: int, reset_every: int = 50) -> float:
     import vector_env
 
-    envs = vector_env.make_envs(args.env_id, num_envs, args.sim_backend, args.obs_mode, args.control_mode)
+    envs = vector_env.make_envs(args.env_id, num_envs, args.sim_backend, args.obs_mode, args.control_mode,
+                                sim_config=vector_env.sim_config(args.sim_config))
     try:
         rng = np.random.default_rng(0)
         all_envs = np.ones(num_envs, bool)
@@ -193,7 +199,8 @@ def bench_envs(a: Args) -> list[dict]:
     rows = []
     for backend, counts in backends:
         for n in counts:
-            args = replace(rfcl.PRESETS["fast"], env_id=a.env_id, num_envs=n, sim_backend=backend)
+            args = replace(rfcl.PRESETS["fast"], env_id=a.env_id, num_envs=n, sim_backend=backend,
+                           control_mode=a.control_mode, sim_config=a.sim_config)
             sps = env_steps_per_s(args, n, a.env_steps)
             rows.append({"backend": backend, "num_envs": n, "env_steps_per_s": sps})
             print(f"envs     {backend} {n:5d} envs {sps:8.1f} env steps/s", flush=True)

@@ -230,6 +230,10 @@ def test_stopped_and_resumed_run_equals_the_run_that_did_not_stop(module, extra,
     for stage 1 see the next test."""
     flags = [*SMALL, *extra, "--save-freq", "192"]
     run_in_process(module, [*flags, "--exp-name", "a", "--total-timesteps", "384"], tmp_path, monkeypatch, keep=True)
+    if module is rfcl:  # the resume state of the stage switch is kept as written, whatever is saved after it
+        switch = json.loads((tmp_path / "runs" / "a" / "summary.json").read_text())["stage1_end_step"]
+        assert (tmp_path / "runs" / "a" / rfcl.SWITCH_STATE).read_bytes() == (
+            tmp_path / "runs" / "a" / f"resume_{switch}.state").read_bytes()
     if module is rfcl:  # b: a run that stops at N, then resumes
         run_in_process(module, [*flags, "--exp-name", "b", "--total-timesteps", "192"], tmp_path, monkeypatch)
         at_n = tmp_path / "runs" / "b" / "at_192.state"
@@ -279,6 +283,77 @@ def test_rfcl_stage1_resume_keeps_the_learner_and_restarts_the_same_episodes(dem
     assert {t: [s for s, _ in v] for t, v in read_scalars(tmp_path / "runs" / "a").items()} == {
         t: [s for s, _ in v] for t, v in read_scalars(tmp_path / "runs" / "b").items()}, "same steps, once each"
 
+
+
+def payload(run_dir: Path) -> dict:
+    return bookkeeping.load_resume_state(run_dir / bookkeeping.RESUME_FILE, None)[1]
+
+
+def test_a_fork_from_the_stage_switch_goes_on_as_its_parent_or_as_told(demo_path, tmp_path, monkeypatch):
+    """--fork of stage2_start.state: with the parent's flags it learns, logs and ends exactly as the parent did after
+    its switch; with another update ratio it makes that many more updates and records its parent, the step and the
+    changed flag. The parent is only read. Flags the state holds, and a missing state, are one line."""
+    flags = [*SMALL, "--reverse-solved-frac", "-1", "--num-seeds", "20", "--save-freq", "192"]
+    run_in_process(rfcl, [*flags, "--exp-name", "p", "--total-timesteps", "288"], tmp_path, monkeypatch)
+    parent = tmp_path / "runs" / "p"
+    switch = json.loads((parent / "summary.json").read_text())["stage1_end_step"]
+    state = parent / rfcl.SWITCH_STATE
+    assert switch and bookkeeping.read_resume_header(state)["global_step"] == switch
+    untouched = {f: f.read_bytes() for f in parent.rglob("*") if f.is_file() and f.name != ".lock"}
+
+    fork = ["--fork", "runs/p/stage2_start.state", "--total-timesteps", "288"]
+    run_in_process(rfcl, [*fork, "--exp-name", "same"], tmp_path, monkeypatch)
+    same = tmp_path / "runs" / "same"
+    assert_same_tree(payload(parent), payload(same))
+    sp, ss = read_scalars(parent), read_scalars(same)
+    for tag in ss:
+        if not tag.startswith("time/") and tag != "charts/SPS":
+            assert ss[tag] == [(t, v) for t, v in sp[tag] if t > switch], tag
+    assert json.loads((same / "summary.json").read_text())["forked_from"] == {
+        "state": str(state.resolve()), "parent": "p", "global_step": switch, "changed": {}}
+
+    run_in_process(rfcl, [*fork, "--exp-name", "utd", "--grad-updates-per-step", "4"], tmp_path, monkeypatch)
+    utd = tmp_path / "runs" / "utd"
+    summary = json.loads((utd / "summary.json").read_text())
+    assert summary["forked_from"]["changed"] == {"grad_updates_per_step": [2, 4]}
+    at_switch = bookkeeping.load_resume_state(state, None)[1]["loop"]["grad_updates"]
+    after = json.loads((parent / "summary.json").read_text())["grad_updates"] - at_switch
+    assert summary["grad_updates"] - at_switch == 2 * after > 0, "twice the parent's updates after the switch"
+    assert json.loads((utd / "args.json").read_text())["fork"] == "runs/p/stage2_start.state"
+    assert bookkeeping.read_resume_header(utd / bookkeeping.RESUME_FILE)["fork"] == summary["forked_from"]
+    assert {f: f.read_bytes() for f in parent.rglob("*") if f.is_file() and f.name != ".lock"} == untouched
+
+    for argv, start in [
+        (["--fork", "runs/none"], "error: --fork runs/none: no resume state there"),
+        ([*fork, "--num-qs", "3"], "error: --num-qs cannot change in a fork: the resume state holds what it made"),
+        ([*fork, "--hidden-dims", "16", "16"], "error: --hidden-dims cannot change in a fork"),
+        ([*fork, "--buffer-size", "999"], "error: --buffer-size cannot change in a fork"),
+        ([*fork, "--preset", "sample-efficient"], "error: --fork cannot be given with --preset"),
+        ([*fork, "--checkpoint", "x.ckpt"], "error: --fork cannot be given with --checkpoint"),
+        (["--fork", "runs/p", "--total-timesteps", "288"], "error: runs/p is already at env step 288"),
+        ([*fork, "--exp-name", "p"], "error: run directory runs/p already exists"),
+    ]:
+        monkeypatch.chdir(tmp_path)
+        assert resume_error(rfcl, *argv).startswith(start), argv
+    with monkeypatch.context() as m:
+        m.chdir(tmp_path)
+        assert resume_error(rlpd, *fork).startswith("error: runs/p is a run of rfcl.py (algorithm rfcl)")
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["p", "same", "utd"]
+
+
+def test_an_rlpd_fork_of_a_run_directory_and_its_resume(demo_path, tmp_path, monkeypatch):
+    """rlpd.py: --fork DIR starts from the run's latest resume state; the fork, stopped and resumed, keeps its
+    record of the parent."""
+    run_in_process(rlpd, [*SMALL, "--save-freq", "64", "--total-timesteps", "128", "--exp-name", "p"], tmp_path,
+                   monkeypatch)
+    run_in_process(rlpd, ["--fork", "runs/p", "--exp-name", "f", "--actor-update-freq", "2", "--total-timesteps",
+                          "160"], tmp_path, monkeypatch)
+    run_in_process(rlpd, ["--resume", "runs/f", "--total-timesteps", "192"], tmp_path, monkeypatch)
+    summary = json.loads((tmp_path / "runs" / "f" / "summary.json").read_text())
+    assert summary["global_step"] == 192 and summary["forked_from"] == {
+        "state": str((tmp_path / "runs" / "p" / bookkeeping.RESUME_FILE).resolve()), "parent": "p",
+        "global_step": 128, "changed": {"total_timesteps": [128, 160], "actor_update_freq": [1, 2]}}
+    assert json.loads((tmp_path / "runs" / "f" / "args.json").read_text())["actor_update_freq"] == 2
 
 
 def test_target_success_ends_a_run_as_finished(demo_path, tmp_path, monkeypatch):
