@@ -134,6 +134,92 @@ MUTANTS += [
      [('if _IMPORTER == "__main__":', "if True:")], "stop_signals.py"),
 ]
 
+# what makes each script its algorithm, and the protocol its numbers depend on (tests/test_properties.py's list):
+# slips a researcher could make while editing a copy, in both scripts and in vector_env.py
+MUTANTS += [
+    # stage 1 starts from the demo state asked for
+    ("CPU envs drop the demo states: episodes start from the task's own initial states", "start",
+     [('            options["states"] = list(states)\n', "")], "vector_env.py"),
+    ("the CPU worker returns the demo observation without restoring the demo state", "start",
+     [("        self.env.unwrapped.set_state_dict(state)\n", "")], "vector_env.py"),
+    ("the demo state one step after the observation handed out", "start",
+     [("lambda x: x[t], demos.env_states[i]), demos.traj_obs[i][t]",
+       "lambda x: x[min(t + 1, len(x) - 1)], demos.env_states[i]), demos.traj_obs[i][t]")]),
+    ("the demo's scene built from the demo index, not its seed", "start",
+     [('seeds[j], states[j] = demos.episodes[i]["episode_seed"], demo_state(demos, i, t)',
+       "seeds[j], states[j] = i, demo_state(demos, i, t)")]),
+    ("stage-2 episodes keep a frontier episode's policy-mean flag", "start",
+     [("            eps.det[j] = False\n", "")]),
+    # rlpd.py: half of every batch from the demo file
+    ("rlpd.py: the offline half drawn from the online buffer", "offline",
+     [("update_many(state, online.data, online.size, offline.data, offline.size, k,",
+       "update_many(state, online.data, online.size, online.data, online.size, k,")], "rlpd.py"),
+    ("rlpd.py: demo rows stored without their rewards", "offline",
+     [('buf.add({"obs": demos.obs, "actions": demos.actions, "rewards": demos.rewards,',
+       'buf.add({"obs": demos.obs, "actions": demos.actions, "rewards": 0 * demos.rewards,')], "rlpd.py"),
+    ("rlpd.py: the offline rows drawn with the online rows' key", "offline",
+     [("i_off = jax.random.randint(k_off, (half,), 0, offline_size)",
+       "i_off = jax.random.randint(k_on, (half,), 0, offline_size)")], "rlpd.py"),
+    # eval: the policy mean of the current weights, on eval seeds
+    ("rlpd.py: eval acts with sampled actions", "eval",
+     [("run.evaluate(eval_envs, partial(policy_det, state.actor.params), global_step)",
+       "run.evaluate(eval_envs, lambda o: policy_sample(state.actor.params, jnp.asarray(o), key)[0], global_step)")],
+     "rlpd.py"),
+    ("rfcl.py: eval acts as training episodes do (sampled actions)", "eval",
+     [("run.evaluate(eval_envs, partial(policy_det, state.actor.params), global_step)",
+       "run.evaluate(eval_envs, lambda o: policy_train(state.actor.params, jnp.asarray(o), key, "
+       "jnp.zeros(len(o), bool)), global_step)")]),
+    ("rlpd.py: training seeds overlap the demos' seeds", "eval",
+     [("seeds = rng.integers(10_000, 10**6, size=len(mask))", "seeds = rng.integers(0, 10**6, size=len(mask))")],
+     "rlpd.py"),
+    # every flag that enters the loss reaches the update
+    ("rfcl.py: --learning-rate ignored", "flags",
+     [("tx = lambda: optax.adam(args.learning_rate)", "tx = lambda: optax.adam(3e-4)")]),
+    ("rlpd.py: --tau ignored", "flags",
+     [("optax.incremental_update(new_critic.params, s.target_params, args.tau)",
+       "optax.incremental_update(new_critic.params, s.target_params, 0.005)")], "rlpd.py"),
+    ("rlpd.py: --batch-size ignored", "flags", [("half = args.batch_size // 2", "half = 128")], "rlpd.py"),
+    ("rfcl.py: --target-entropy-scale ignored", "flags",
+     [("target_entropy = -args.target_entropy_scale * act_dim", "target_entropy = -0.5 * act_dim")]),
+    ("rlpd.py: --init-temperature ignored", "flags",
+     [('params={"log_alpha": jnp.log(args.init_temperature)}', 'params={"log_alpha": jnp.log(0.01)}')], "rlpd.py"),
+    ("rfcl.py: --grad-updates-per-step ignored by the loop", "flags",
+     [("offline.data, offline.size, k,\n                                          args.grad_updates_per_step)",
+       "offline.data, offline.size, k,\n                                          16)")]),
+    ("rlpd.py: --gamma ignored", "flags",
+     [('target = batch["rewards"] + args.gamma * batch["masks"] * next_v',
+       'target = batch["rewards"] + 0.9 * batch["masks"] * next_v')], "rlpd.py"),
+    # time limits truncate, never terminate, at exactly --max-episode-steps
+    ("rlpd.py: episodes one step longer than --max-episode-steps", "limits",
+     [("ended = eps.length >= args.max_episode_steps", "ended = eps.length > args.max_episode_steps")], "rlpd.py"),
+    ("rlpd.py: a time limit stops bootstrapping", "limits",
+     [('"masks": bootstrap_masks(terminated, args.bootstrap_at_done)})',
+       '"masks": bootstrap_masks(terminated | (eps.length >= args.max_episode_steps), args.bootstrap_at_done)})')],
+     "rlpd.py"),
+    ("rfcl.py: a time limit stops bootstrapping", "limits",
+     [('"masks": bootstrap_masks(terminated, args.bootstrap_at_done)})',
+       '"masks": bootstrap_masks(terminated | (eps.length >= eps.horizon), args.bootstrap_at_done)})')]),
+    # a checkpoint holds the weights the run had at that step
+    ("rlpd.py: checkpoints hold the networks the run started with", "checkpoints",
+     [("    def save_checkpoint(name: str) -> None:", "    def save_checkpoint(name: str, state=state) -> None:")],
+     "rlpd.py"),
+    ("rfcl.py: checkpoints store the target critics as the critics", "checkpoints",
+     [('"critic_params": s.critic.params, "target_params": s.target_params',
+       '"critic_params": s.target_params, "target_params": s.target_params')]),
+    # per-episode bookkeeping starts afresh with each episode, and the charts report it
+    ("rfcl.py: success-so-far carried into the next episode", "episodes",
+     [("eps.length[mask], eps.ret[mask], eps.once[mask] = 0, 0.0, False", "eps.length[mask], eps.ret[mask] = 0, 0.0")]),
+    ("rlpd.py: the return carried into the next episode", "episodes",
+     [("eps.length[mask], eps.ret[mask], eps.once[mask] = 0, 0.0, False", "eps.length[mask], eps.once[mask] = 0, False")],
+     "rlpd.py"),
+    ("rlpd.py: charts swap success_once and success_at_end", "episodes",
+     [("run.episode_ended(eps.ret[j], success[j], eps.once[j])", "run.episode_ended(eps.ret[j], eps.once[j], success[j])")],
+     "rlpd.py"),
+    ("CPU envs hand every env the observations of a partial reset", "episodes",
+     [("        self.obs[mask] = obs[mask]\n", "        self.obs = obs\n")], "vector_env.py"),
+]
+PROPERTY_GROUPS = ("start", "offline", "eval", "flags", "limits", "checkpoints", "episodes")
+
 
 @dataclass
 class Args:
@@ -151,6 +237,14 @@ class Args:
         "tests/test_stop_signals.py", "tests/test_rfcl_integration.py", "tests/test_collect_demos.py",
         "tests/test_benchmarks.py", "-k", "signal or ctrl_c or handler"])
     """pytest arguments run against the mutants of stop_signals.py (missing test files are skipped)"""
+    property_tests: list[str] = field(default_factory=lambda: [
+        "tests/test_properties.py", "tests/test_loop_seams.py", "tests/test_data_path.py", "tests/test_sac_core.py",
+        "tests/test_rfcl_units.py", "tests/test_gpu_path.py", "tests/test_presets_and_checkpoints.py",
+        "tests/test_rfcl_integration.py", "tests/test_rlpd_integration.py", "tests/test_resume.py"])
+    """test files run against the mutants of what makes each script its algorithm (PROPERTY_GROUPS; missing ones are
+    skipped)"""
+    groups: list[str] = field(default_factory=list)
+    """run only these groups (default: all)"""
     only: list[str] = field(default_factory=list)
     """run only mutants whose name contains one of these"""
     timeout: int = 900
@@ -177,12 +271,13 @@ def main(a: Args) -> list[dict]:
     repo = Path(a.repo or ROOT).resolve()
     rows = []
     for name, group, alternatives, *file in MUTANTS:
-        if a.only and not any(o in name for o in a.only):
+        if (a.only and not any(o in name for o in a.only)) or (a.groups and group not in a.groups):
             continue
         file = file[0] if file else "rfcl.py"
         source = (repo / file).read_text() if (repo / file).exists() else ""
-        tests = [t for t in {"unit": a.unit_tests, "loop": a.loop_tests, "data": a.data_tests,
-                             "signals": a.signal_tests}[group] if not t.endswith(".py") or (repo / t).exists()]
+        tests = [t for t in {"unit": a.unit_tests, "loop": a.loop_tests, "data": a.data_tests, "signals": a.signal_tests,
+                             **dict.fromkeys(PROPERTY_GROUPS, a.property_tests)}[group]
+                 if not t.endswith(".py") or (repo / t).exists()]
         hit = next(((o, n) for o, n in alternatives if o in source), None)
         if hit is None or not any(t.endswith(".py") for t in tests):
             rows.append({"mutant": name, "group": group, "result": "not applicable"})
