@@ -238,7 +238,8 @@ def test_one_update_by_value(algo, backup_entropy):
     against the ensemble *mean*, and the temperature loss alpha * (entropy - target entropy) with its sign."""
     gamma, tau, lr = 0.8, 0.05, 1e-3
     args = algo.Args(hidden_dims=(8,), num_qs=3, num_min_qs=3, batch_size=4, gamma=gamma, tau=tau, learning_rate=lr,
-                     backup_entropy=backup_entropy, init_temperature=0.5, actor_update_freq=1)
+                     backup_entropy=backup_entropy, init_temperature=0.5, actor_update_freq=1,
+                     target_entropy_scale=1.5)  # every flag of the loss away from its default
     obs_dim, act_dim = 5, 2
     actor, critic, state = algo.init_sac(args, obs_dim, act_dim, jax.random.PRNGKey(0))
     state = state.replace(critic=state.critic.replace(params=constant_critics(state.critic.params, [1.0, 2.0, 3.0])),
@@ -257,6 +258,7 @@ def test_one_update_by_value(algo, backup_entropy):
     k_batch, k_c, k_a = jax.random.split(key, 3)
     k_pi, _ = jax.random.split(k_c)
     b = jax.device_get(sample_batch(online.data, online.size, offline.data, offline.size, k_batch))
+    assert b["obs"].shape == (4, obs_dim), "--batch-size rows"
     alpha = 0.5
     _, next_logp = algo.sample_action(actor, state.actor.params, b["next_obs"], k_pi)
     next_v = -1.0 - (alpha * np.asarray(next_logp) if backup_entropy else 0.0)  # min of the target critics
@@ -275,7 +277,7 @@ def test_one_update_by_value(algo, backup_entropy):
     np.testing.assert_allclose(info["losses/actor_loss"], np.mean(alpha * np.asarray(logp) - q_mean), rtol=1e-4)
     entropy = -float(np.mean(logp))
     np.testing.assert_allclose(info["losses/entropy"], entropy, rtol=1e-5)
-    target_entropy = -args.target_entropy_scale * act_dim
+    target_entropy = -1.5 * act_dim
     np.testing.assert_allclose(info["losses/alpha_loss"], alpha * (entropy - target_entropy), rtol=1e-4)
     # Adam's first step moves log alpha by lr against the sign of its gradient alpha * (entropy - target)
     moved = float(new.temp.params["log_alpha"]) - np.log(alpha)
