@@ -16,12 +16,14 @@ import dataclasses
 import fcntl
 import importlib.util
 import json
+import multiprocessing
 import os
 import shutil
 import signal
 import socket
 import sys
 import time
+import warnings
 import zlib
 from pathlib import Path
 from typing import Callable, Optional
@@ -179,20 +181,45 @@ def new_run_dir(exp_name: str) -> Path:
     return run_dir
 
 
-def make_run_dir(run_dir: Path, config: dict, resuming: bool = False) -> None:
+def make_run_dir(run_dir: Path, config: dict, resuming: bool = False, state_bytes: int = 0) -> None:
     """runs/<exp-name>/ with args.json (`config`), locked by this process (lock_run_dir); on --resume the directory
-    exists, is locked already, and args.json gets the changed flags."""
-    if not resuming:
-        run_dir.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            run_dir.mkdir()
-        except FileExistsError:  # another process made it since new_run_dir looked
-            fail(f"run directory {run_dir} was just made by another process; pass another --exp-name (nothing was "
-                 f"overwritten)")
-        lock_run_dir(run_dir)
-    (run_dir / "checkpoints").mkdir(exist_ok=resuming)
-    (run_dir / "videos").mkdir(exist_ok=resuming)
+    exists, is locked already, and args.json gets the changed flags. A directory that cannot be written is one line
+    before the run starts, and a disk with less free space than a save point's resume state (`state_bytes`, the
+    script's estimate) a warning."""
+    try:
+        if not resuming:
+            run_dir.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                run_dir.mkdir()
+            except FileExistsError:  # another process made it since new_run_dir looked
+                fail(f"run directory {run_dir} was just made by another process; pass another --exp-name (nothing "
+                     f"was overwritten)")
+            lock_run_dir(run_dir)
+        (run_dir / "checkpoints").mkdir(exist_ok=resuming)
+        (run_dir / "videos").mkdir(exist_ok=resuming)
+    except OSError as e:
+        fail(f"cannot write in {run_dir.parent if not run_dir.exists() else run_dir} ({e.strerror or e}); make it "
+             f"writable or run elsewhere (nothing was written)")
     write_json(run_dir / "args.json", config)
+    check_disk(run_dir, state_bytes)
+
+
+_DISK_WARNED = []
+
+
+def resume_state_bytes(learner, rows: int, obs_dim: int, act_dim: int) -> int:
+    """About what a resume state takes: the learner (networks and optimizer states) and `rows` stored transitions."""
+    return sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(learner)) + rows * 4 * (2 * obs_dim + act_dim + 2)
+
+
+def check_disk(run_dir: Path, need: int) -> None:
+    """Warn, once per process, when the disk of run_dir has less free space than `need` bytes (a save point writes
+    the whole resume state to a temporary file before it replaces the previous one)."""
+    free = shutil.disk_usage(run_dir).free
+    if free < need and not _DISK_WARNED:
+        _DISK_WARNED.append(True)
+        tqdm.write(f"warning: {free / 2**20:.0f} MiB free on the disk of {run_dir}, and a save point writes about "
+                   f"{need / 2**20:.0f} MiB: free space, or the run stops at the first save it cannot write")
 
 
 _LOCKS = []  # the open lock files: a lock lasts as long as its file stays open
@@ -203,7 +230,11 @@ def lock_run_dir(run_dir: Path) -> None:
     it ends (the kernel releases it). A POSIX record lock (fcntl.lockf), not flock: it holds across the nodes of the
     shared file systems of clusters (NFS through its lock manager, Lustre, GPFS), where flock may lock one node only.
     A second process, new run or --resume, gets one line naming the holder."""
-    f = open(run_dir / ".lock", "a+")
+    try:
+        f = open(run_dir / ".lock", "a+")
+    except OSError as e:
+        fail(f"cannot write in {run_dir} ({e.strerror or e}); make it writable, or copy the run elsewhere and resume "
+             f"the copy (nothing was written)")
     try:
         fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -247,27 +278,69 @@ def open_writer(run_dir: Path, config: dict, wandb_project: Optional[str] = None
 
 def write_atomic(path: Path, data) -> None:
     """Write `data` (bytes, or a list of bytes) to a hidden temporary file beside `path`, flush it to disk, then
-    rename: a reader never sees half a file, and a crash leaves the previous file whole."""
+    rename: a reader never sees half a file, and a crash leaves the previous file whole. A write that fails (no
+    space, read-only, no permission) or is interrupted removes its temporary file; a failure is then one line saying
+    what is intact and what is lost (write_failed), and the process stops."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        for chunk in [data] if isinstance(data, (bytes, bytearray)) else data:
-            f.write(chunk)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in [data] if isinstance(data, (bytes, bytearray)) else data:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(e, OSError):
+            write_failed(path, e)
+        raise
 
+
+def write_failed(path: Path, e: OSError):
+    """The one line of a write that failed: the file, why, what is intact (the previous file of that name, and for a
+    resume state the step --resume continues from), and that the process stops instead of working on towards
+    saves it cannot make."""
+    if path.name == RESUME_FILE:
+        try:
+            with open(path, "rb") as f:
+                step = json.loads(f.readline())["global_step"]
+            kept = (f"the previous resume state is intact: --resume {path.parent} continues from env step {step}, "
+                    f"and everything since is lost")
+        except (OSError, ValueError, KeyError):
+            kept = "this run has no resume state yet, so it cannot be continued; its checkpoints so far are intact"
+    else:
+        kept = f"the previous {path.name} is intact" if path.exists() else f"{path.name} was not written"
+    fail(f"could not write {path} ({e.strerror or e}): {kept}. Free space on that disk (or make {path.parent} "
+         f"writable); stopped here")
 
 def write_json(path: Path, obj) -> None:
     write_atomic(path, json.dumps(obj, indent=2).encode())
 
 
+def place_new(src: Path, dst: Path) -> None:
+    """Move a finished file to dst, refusing to replace one that is there (one line): a hard link cannot overwrite,
+    so two writers never both believe they wrote dst."""
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        fail(f"{dst} appeared while this was being written (another process?); nothing was replaced, and this "
+             f"process's file was not kept: run it again")
+    except OSError:  # a file system without hard links: check, then rename
+        if dst.exists():
+            fail(f"{dst} exists; nothing was replaced: run it again")
+        try:
+            os.replace(src, dst)
+        except OSError as e2:
+            write_failed(dst, e2)
+        return
+    os.unlink(src)
+
+
 def copy_atomic(src: Path, dst: Path) -> None:
     """A copy of `src` at `dst` that later writes of `src` leave as it is, written like write_atomic."""
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.copyfile(src, tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, dst)
+    with open(src, "rb") as f:
+        write_atomic(dst, iter(lambda: f.read(2**24), b""))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,6 +382,7 @@ def save_resume_state(path: Path, algorithm: str, script: str, config: dict, glo
               "global_step": global_step, "stage": stage, "args": config, "demos": demos, "fork": fork,
               "payload_bytes": len(body), "payload_crc32": zlib.crc32(body)}
     write_atomic(path, [json.dumps(header).encode() + b"\n", body])
+    check_disk(path.parent, len(body))  # the next save point needs as much again
 
 
 def load_resume_state(path: Path, algorithm: str, script: Optional[str] = None,
@@ -344,14 +418,15 @@ def load_start_state(run_dir: Path, resume: Optional[str], fork: Optional[str], 
 
 
 def load_run_demos(header: dict, env_id: str, obs_mode: str, control_mode: str, num_demos: int,
-                   dataset_path: Optional[str], sim_config: dict, env_states: bool) -> tuple[common.Demos, Path, dict]:
+                   dataset_path: Optional[str], sim_config: dict, dims: Optional[tuple[int, int]],
+                   env_states: bool) -> tuple[common.Demos, Path, dict]:
     """The demos a run trains on (common.get_and_load_demos), and the record of them its resume states keep. A resumed
     run (header: its resume state's) loads --dataset-path if given, else the file it began with, and continues only
     on the demos it began with: the same content, wherever the file now is (states written before they recorded their
     demos are not checked)."""
     saved = header.get("demos")
     demos, path = common.get_and_load_demos(env_id, obs_mode, control_mode, num_demos,
-                                            dataset_path or (saved or {}).get("path"), env_states, sim_config)
+                                            dataset_path or (saved or {}).get("path"), env_states, sim_config, dims)
     digest = common.demos_digest(demos)
     if saved and saved["sha256"] != digest:
         fail(f"{path} holds other demos than the run began with ({saved['num_demos']} demos of {saved['path']}, "
@@ -360,12 +435,14 @@ def load_run_demos(header: dict, env_id: str, obs_mode: str, control_mode: str, 
 
 
 NETWORK_FIELDS = ("actor_params", "critic_params", "target_params", "log_alpha")
+CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "rfcl-jax checkpoint", 1
 
 
 def save_checkpoint(path: Path, meta: dict, networks: dict, global_step: int, extra: Optional[dict] = None) -> None:
     """One self-describing file, written atomically: `meta` says what it is (algorithm, the script that wrote it,
     env id, modes, dims, flags), `networks` holds NETWORK_FIELDS."""
-    payload = {**meta, "global_step": global_step, **{k: jax.device_get(networks[k]) for k in NETWORK_FIELDS},
+    payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **meta, "global_step": global_step,
+               **{k: jax.device_get(networks[k]) for k in NETWORK_FIELDS},
                "extra": json.dumps(extra or {}, default=lambda o: np.asarray(o).tolist())}
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, serialization.msgpack_serialize(payload))
@@ -389,6 +466,12 @@ def load_checkpoint(path: str) -> dict:
             ckpt[k]  # noqa: B018 - presence check
     except Exception:  # noqa: BLE001
         fail(f"{p} is not a readable checkpoint of these scripts (corrupted or another format)")
+    # checkpoints written before they carried a format and version are version 1
+    if ckpt.get("format", CHECKPOINT_FORMAT) != CHECKPOINT_FORMAT:
+        fail(f"{p} is not a checkpoint of these scripts (format {ckpt['format']!r})")
+    if int(ckpt.get("version", 1)) != CHECKPOINT_VERSION:
+        fail(f"{p} was written by checkpoint version {ckpt['version']}; these scripts read version "
+             f"{CHECKPOINT_VERSION}: use it with the version of the code that wrote it")
     return ckpt
 
 
@@ -472,22 +555,37 @@ def evaluate_checkpoint(ckpt: dict, path: str, run_dir: Path, make_envs: Callabl
 # The loop
 # ----------------------------------------------------------------------------------------------
 class StopRequest:
-    """Ctrl-C (SIGINT) or a plain kill / Slurm's warning (SIGTERM) ends a run at the next iteration boundary, after
-    it has saved, instead of killing it mid-update. A second signal stops at once."""
+    """Ctrl-C (SIGINT), a plain kill / Slurm's warning (SIGTERM) or a closed terminal (SIGHUP) ends a run at the next
+    iteration boundary, after it has saved, instead of killing it mid-update. An impatient second signal changes
+    nothing (the save goes on: it is what keeps the work); a third stops at once, saying what is lost (`lost`), with
+    the env workers ended first and any half-written file removed (write_atomic)."""
 
-    def __init__(self):
-        self.name, self.exit_code = None, 0
-        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    def __init__(self, lost: str = "this save point's resume state is not written; --resume continues from the "
+                                   "previous save point, whose files are intact"):
+        self.name, self.exit_code, self.count, self.lost = None, 0, 0, lost
+        self.previous = {s: signal.signal(s, self._handle) for s in stop_signals.SIGNALS}
 
     def restore(self) -> None:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 
     def _handle(self, signum, frame):
-        if self.name is not None:
-            raise SystemExit(128 + signum)  # the second signal: at once (the env workers are reaped on exit)
-        self.name, self.exit_code = signal.Signals(signum).name, 128 + signum
-        tqdm.write(f"{self.name}: saving and stopping after this iteration (send it again to stop at once)")
+        self.count += 1
+        name = signal.Signals(signum).name
+        if self.name is None:
+            stop_signals.quiet_if_terminal_gone(signum)
+            self.name, self.exit_code = name, 128 + signum
+            tqdm.write(f"{name}: saving and stopping after this iteration (a third signal stops at once, unsaved)",
+                       file=sys.stderr)
+        elif self.count == 2:
+            tqdm.write(f"{name} again: still saving, which keeps the work; once more stops at once, without the save",
+                       file=sys.stderr)
+        else:
+            for worker in multiprocessing.active_children():
+                worker.kill()
+            tqdm.write(f"stopped at once by a third signal ({name}): {self.lost}", file=sys.stderr)
+            warnings.simplefilter("ignore")  # gymnasium's warnings as the abandoned envs are collected at exit
+            raise SystemExit(self.exit_code)
 
     def __bool__(self) -> bool:
         return self.name is not None

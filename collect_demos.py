@@ -10,11 +10,11 @@ built by the script that wrote the checkpoint (a copy of rfcl.py or rlpd.py with
 
 from __future__ import annotations
 
-import stop_signals  # first: from here on Ctrl-C or SIGTERM exits with one line, during the slow imports too
+import stop_signals  # first: from here on Ctrl-C, SIGTERM or SIGHUP exits with one line, during the slow imports too
 
 import json
 import multiprocessing
-import os
+import secrets
 import signal
 import sys
 import tempfile
@@ -94,8 +94,8 @@ class RecordingWorker(gym.Wrapper):
         super().__init__(CPUGymWrapper(self.record, ignore_terminations=True))
         self.idx = idx
         if multiprocessing.parent_process() is not None:  # the main process decides when to stop (as vector_env's)
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            for sig in stop_signals.SIGNALS:
+                signal.signal(sig, signal.SIG_IGN)
 
     def finish(self, saves, video_path=None):
         """End the current episode: keep it in the h5 if saves[idx]; write the video if one was recorded."""
@@ -180,6 +180,10 @@ def main(args: Args) -> None:
     warnings.filterwarnings("ignore", module="mani_skill")
     if args.num_envs < 1 or args.num_episodes < 1:
         common.fail(f"--num-envs and --num-episodes must be >= 1 (got {args.num_envs}, {args.num_episodes})")
+    for flag, value, least in (("max-attempts", args.max_attempts, 1), ("max-episode-steps", args.max_episode_steps, 1),
+                               ("num-videos", args.num_videos, 0), ("seed", args.seed, 0)):
+        if value is not None and value < least:
+            common.fail(f"--{flag} must be >= {least}, got {value}")
     if args.sim_backend == "gpu":
         vector_env.check_gpu_simulation()
     ckpt, act = load_policy(args.checkpoint, args.script)
@@ -190,12 +194,17 @@ def main(args: Args) -> None:
     out_dir = Path(args.output_dir) if args.output_dir else ckpt_path.resolve().parent.parent / "demos"
     if out_dir.exists() and not out_dir.is_dir():
         common.fail(f"--output-dir {out_dir} is a file, not a folder; pass a folder (it is created if missing)")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    name = (f"{ckpt['algorithm']}_{ckpt_path.stem}_{args.num_episodes}_{time.strftime('%Y%m%d_%H%M%S')}."
-            f"{ckpt['obs_mode']}.{ckpt['control_mode']}.physx_{'cuda' if args.sim_backend == 'gpu' else 'cpu'}")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out_dir).close()
+    except OSError as e:
+        common.fail(f"cannot write in --output-dir {out_dir} ({e.strerror or e}); pass a writable folder")
+    # unique to this process (another one may write into the same folder in the same second), and placed without
+    # ever replacing a file (bookkeeping.place_new)
+    name = (f"{ckpt['algorithm']}_{ckpt_path.stem}_{args.num_episodes}_{time.strftime('%Y%m%d_%H%M%S')}_"
+            f"{secrets.token_hex(3)}.{ckpt['obs_mode']}.{ckpt['control_mode']}."
+            f"physx_{'cuda' if args.sim_backend == 'gpu' else 'cpu'}")
     out_h5 = out_dir / f"{name}.h5"
-    if out_h5.exists() or out_h5.with_suffix(".json").exists():
-        common.fail(f"{out_h5} already exists; nothing was overwritten, run again (names carry the time)")
 
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix=".tmp", dir=out_dir) as tmp:
@@ -207,7 +216,8 @@ def main(args: Args) -> None:
         stop_signals.exit_if_signalled()
         kept = attempts = successes = videos = 0
         pbar = tqdm(total=args.num_episodes, unit="demo", dynamic_ncols=True)
-        stop = bookkeeping.StopRequest()  # Ctrl-C / SIGTERM: the episodes kept so far are written, then it exits
+        # Ctrl-C / SIGTERM / SIGHUP: the episodes kept so far are written, then it exits
+        stop = bookkeeping.StopRequest(lost="the demos collected so far are not written")
         while kept < args.num_episodes and attempts < max_attempts and not stop:
             seeds = args.seed + attempts + np.arange(args.num_envs)
             obs = rec.reset(seeds)
@@ -232,15 +242,18 @@ def main(args: Args) -> None:
         parts = [p for p in rec.close() if Path(p).exists()]
         if kept:
             tmp_h5 = Path(tmp) / f"{name}.h5"
-            merge_trajectories(str(tmp_h5), parts)
+            try:
+                merge_trajectories(str(tmp_h5), parts)
+            except OSError as e:
+                bookkeeping.write_failed(out_h5, e)
             meta = json.loads(tmp_h5.with_suffix(".json").read_text())
             # a GPU reset call draws all its envs from its first env's seed: there a recorded seed does not give
             # back its episode's initial state; the recorded env states always do
             meta["reset_seeds_reproduce_episodes"] = args.sim_backend == "cpu"
             bookkeeping.write_json(tmp_h5.with_suffix(".json"), meta)
             # json last: a reader that finds the json finds a complete h5
-            os.replace(tmp_h5, out_h5)
-            os.replace(tmp_h5.with_suffix(".json"), out_h5.with_suffix(".json"))
+            bookkeeping.place_new(tmp_h5, out_h5)
+            bookkeeping.place_new(tmp_h5.with_suffix(".json"), out_h5.with_suffix(".json"))
     report = {"path": str(out_h5) if kept else None, "episodes_written": kept, "attempts": attempts,
               "success_rate": successes / max(attempts, 1), "seconds": round(time.time() - t0, 1)}
     print(json.dumps(report))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import sys
 from dataclasses import dataclass, field
@@ -27,7 +28,13 @@ import stop_signals
 
 
 def fail(msg: str):
-    """One-line error for the user, no traceback."""
+    """One-line error for the user, no traceback: env workers that exist are ended first, so that nothing they print
+    while their pipes close comes after it."""
+    for worker in multiprocessing.active_children():
+        worker.kill()
+    bars = sys.modules.get("tqdm.std")  # a progress bar left open redraws itself at exit, under the error
+    for bar in list(bars.tqdm._instances) if bars else []:
+        bar.close()
     sys.exit(f"error: {msg}")
 
 
@@ -210,6 +217,12 @@ def load_demos(path, num_demos: int, env_id: str | None = None, obs_mode: str | 
                                         f"{int(np.argwhere(~np.isfinite(x))[0][0])}); re-record or re-convert it, or "
                                         f"pass --num-demos to stop before it")
                 T = len(act)
+                sizes = obs.shape[1:], act.shape[1:]
+                if cols["obs"] and sizes != (cols["obs"][0].shape[1:], cols["actions"][0].shape[1:]):
+                    first = f"traj_{chosen[0]['episode_id']}"
+                    raise DemoError(f"{path}:{key} has observations/actions of size {sizes[0]}/{sizes[1]} but {first} "
+                                    f"has {cols['obs'][0].shape[1:]}/{cols['actions'][0].shape[1:]}: the file mixes "
+                                    f"envs or modes; pass --num-demos to stop before it, or another file")
                 if obs.shape[0] != T + 1 or T == 0:
                     raise DemoError(f"{path}:{key} has {obs.shape[0]} observations for {T} actions (need T+1)")
                 success = g["success"][()].astype(bool)
@@ -240,13 +253,15 @@ def load_demos(path, num_demos: int, env_id: str | None = None, obs_mode: str | 
 
 
 def get_and_load_demos(env_id: str, obs_mode: str, control_mode: str, num_demos: int, dataset_path: Optional[str],
-                       env_states: bool, sim_config: Optional[dict] = None) -> tuple[Demos, Path]:
+                       env_states: bool, sim_config: Optional[dict] = None,
+                       dims: Optional[tuple[int, int]] = None) -> tuple[Demos, Path]:
     """The first num_demos demos (found, downloaded or generated) and their file, recorded under the physics
-    sim_config ({} or None: the task's own); a problem is a one-line error."""
+    sim_config ({} or None: the task's own), with the env's (obs_dim, act_dim) if given; a problem is a one-line
+    error."""
     try:
         path = get_demos(env_id, obs_mode, control_mode, num_demos, dataset_path, sim_config)
-        return load_demos(path, num_demos, env_id, obs_mode, control_mode, env_states=env_states,
-                          sim_config=sim_config or {}), path
+        return load_demos(path, num_demos, env_id, obs_mode, control_mode, *(dims or (None, None)),
+                          env_states=env_states, sim_config=sim_config or {}), path
     except DemoError as e:
         fail(str(e))
 
@@ -267,13 +282,6 @@ def demos_digest(demos: Demos) -> str:
                 else:
                     h.update(k.encode() + np.ascontiguousarray(node[k]).tobytes())
     return h.hexdigest()
-
-
-def check_demo_dims(demos: Demos, path: Path, obs_dim: int, act_dim: int, env_id: str, control_mode: str) -> None:
-    """The demos' observations and actions have the env's dims."""
-    if demos.obs.shape[1] != obs_dim or demos.actions.shape[1] != act_dim:
-        fail(f"{path} has obs/action dims {demos.obs.shape[1]}/{demos.actions.shape[1]} but {env_id} with "
-             f"{control_mode} has {obs_dim}/{act_dim}; pass demos recorded for this env and control mode")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -27,6 +27,20 @@ MOTION_PLANNING_ENVS = (
 )
 
 
+# The controllers ManiSkill's replay_trajectory converts pd_joint_pos demos (the planners' and the downloads') to
+# (mani_skill.trajectory.utils.actions.conversion.from_pd_joint_pos in 3.0.1), besides pd_joint_pos itself
+JOINT_TARGETS = ("pd_joint_pos", "pd_joint_delta_pos", "pd_joint_target_delta_pos", "pd_joint_vel")
+
+
+def check_convertible(control_mode: str) -> None:
+    """Before anything is planned, downloaded or converted: a DemoError if ManiSkill cannot convert pd_joint_pos demos
+    to control_mode (its end-effector modes, pd_ee_*, it converts by inverse kinematics)."""
+    if control_mode not in JOINT_TARGETS and not (control_mode.startswith("pd_ee_") and "vel" not in control_mode):
+        raise DemoError(f"ManiSkill's replay_trajectory cannot convert pd_joint_pos demos to --control-mode "
+                        f"{control_mode} (it converts to {', '.join(JOINT_TARGETS)} and the pd_ee_* modes); train "
+                        f"with one of those, or record demos in {control_mode} and pass --dataset-path")
+
+
 def _network_ok(url: str = "https://huggingface.co", timeout: float = 5.0) -> bool:
     try:
         urllib.request.urlopen(url, timeout=timeout).close()
@@ -63,6 +77,7 @@ def generate_demos(env_id: str, obs_mode: str, control_mode: str, num_demos: int
     if env_id not in MOTION_PLANNING_ENVS:
         raise DemoError(f"no demos for {env_id} on disk, none downloadable here, and ManiSkill has no motion "
                         f"planner for it; record demos (ManiSkill trajectory .h5) and pass --dataset-path")
+    check_convertible(control_mode)
     final_dir = demo_dir() / env_id / "motionplanning"
     final_dir.mkdir(parents=True, exist_ok=True)
     # A few extra: a planner trajectory can fail to convert to a delta controller.
@@ -165,6 +180,7 @@ def make_demos(env_id: str, obs_mode: str, control_mode: str, num_demos: int, si
     """A trajectory file with >= num_demos demos of env_id in the requested modes: downloaded if the network allows
     (ManiSkill's own demos, recorded under the task's own physics: not with a sim_config), else generated offline with
     the motion planner; cached in demo_dir()/env_id."""
+    check_convertible(control_mode)
     path = None if sim_config else _download_demos(env_id, obs_mode, control_mode)
     if path is not None and len(common.read_json(path.with_suffix(".json"))["episodes"]) >= num_demos:
         return path

@@ -9,7 +9,7 @@ your own variant, copy this file under a new name and edit it (README).
 
 from __future__ import annotations
 
-import stop_signals  # first: from here on Ctrl-C or SIGTERM exits with one line, during the slow imports too
+import stop_signals  # first: from here on Ctrl-C, SIGTERM or SIGHUP exits with one line, during the slow imports too
 
 import dataclasses
 import json
@@ -114,7 +114,7 @@ class Args:
     """checkpoint to start a new run from (networks and temperature), or to evaluate with --evaluate"""
     resume: Optional[str] = None
     """continue the run in this directory (runs/<exp-name>) exactly where its resume state left it (written every
-    --save-freq steps, at the end, and on Ctrl-C / SIGTERM). Its args.json fixes every flag except
+    --save-freq steps, at the end, and on Ctrl-C / SIGTERM / SIGHUP). Its args.json fixes every flag except
     --total-timesteps, --eval-freq, --save-freq, --capture-video and --num-eval-episodes"""
     fork: Optional[str] = None
     """start a new run (--exp-name) from another run's resume state: a run directory (its latest) or a .state file;
@@ -204,6 +204,11 @@ def check_args(args: Args) -> None:
         common.fail(f"--target-success is an eval success rate in [0, 1], got {args.target_success}")
     if args.num_seed_steps < 0:
         common.fail(f"--num-seed-steps must be >= 0, got {args.num_seed_steps}")
+    if not 0 <= args.seed < 2**32:
+        common.fail(f"--seed must be in [0, 2**32), got {args.seed}")
+    if args.total_timesteps <= args.num_seed_steps:  # allowed (a smoke test of the envs, random actions), but said
+        print(f"warning: --total-timesteps {args.total_timesteps} is not above --num-seed-steps {args.num_seed_steps}: "
+              f"the run ends before its first update, and its checkpoints hold untrained networks", flush=True)
     if args.buffer_size < args.num_seed_steps:
         common.fail(f"--buffer-size {args.buffer_size} is smaller than --num-seed-steps {args.num_seed_steps}: updates "
                     f"start only once the online buffer holds that many transitions, so they would never start")
@@ -559,17 +564,17 @@ def main(args: Args) -> None:
 
     # ---- demos, envs, networks, buffers ---------------------------------------------------------------
     # observations, actions and success only
+    obs_dim, act_dim = vector_env.env_dims(args.env_id, args.obs_mode, args.control_mode, physics)  # no worker yet
+    if ckpt is not None and (int(ckpt["obs_dim"]), int(ckpt["act_dim"])) != (obs_dim, act_dim):
+        common.fail(f"{args.checkpoint} has obs/act dims {ckpt['obs_dim']}/{ckpt['act_dim']}; {args.env_id} has "
+                    f"{obs_dim}/{act_dim}")
     demos, path, demo_record = bookkeeping.load_run_demos(header, args.env_id, args.obs_mode, args.control_mode,
-                                                          args.num_demos, args.dataset_path, physics, env_states=False)
+                                                          args.num_demos, args.dataset_path, physics, (obs_dim, act_dim),
+                                                          env_states=False)
     envs = vector_env.make_envs(args.env_id, args.num_envs, args.sim_backend, args.obs_mode, args.control_mode,
                                 sim_config=physics)
     eval_envs = vector_env.make_envs(args.env_id, args.num_eval_envs, args.sim_backend, args.obs_mode,
                                      args.control_mode, args.render_size if args.capture_video else None, physics)
-    obs_dim, act_dim = envs.obs_dim, envs.act_dim
-    common.check_demo_dims(demos, path, obs_dim, act_dim, args.env_id, args.control_mode)
-    if ckpt is not None and (int(ckpt["obs_dim"]), int(ckpt["act_dim"])) != (obs_dim, act_dim):
-        common.fail(f"{args.checkpoint} has obs/act dims {ckpt['obs_dim']}/{ckpt['act_dim']}; {args.env_id} has "
-                    f"{obs_dim}/{act_dim}")
     key, k_init = jax.random.split(key)
     actor, critic, state = init_sac(args, obs_dim, act_dim, k_init)
     if ckpt is not None:
@@ -588,7 +593,8 @@ def main(args: Args) -> None:
         print(f"{'resumed' if args.resume else 'forked from ' + fork['state']} at env step {global_step} (online "
               f"buffer {online.size})", flush=True)
     stop_signals.exit_if_signalled()
-    bookkeeping.make_run_dir(run_dir, dataclasses.asdict(args), resuming=bool(args.resume))
+    bookkeeping.make_run_dir(run_dir, dataclasses.asdict(args), resuming=bool(args.resume), state_bytes=bookkeeping.
+                             resume_state_bytes(state, min(args.total_timesteps, args.buffer_size), obs_dim, act_dim))
     print(f"run directory: {run_dir}", flush=True)
     print(f"{demos.num_trajectories} demos from {path} ({int(sum(e.get('success', True) for e in demos.episodes))} "
           f"successful, {len(demos.rewards)} transitions)", flush=True)
@@ -656,7 +662,7 @@ def main(args: Args) -> None:
         run.progress(global_step)
         if run.due("log", global_step):
             run.log(global_step, update_metrics(jax.device_get(info)) if learning else {})
-        if run.due("eval", global_step):
+        if run.due("eval", global_step) and not stop:  # a stop does not wait for an eval: the resumed run makes it
             run.evaluate(eval_envs, partial(policy_det, state.actor.params), global_step)
 
         # ---- checkpoints: every --save-freq steps and at a stop signal (step_*.ckpt), at the end (final.ckpt) ---

@@ -1,11 +1,12 @@
-"""Ctrl-C and SIGTERM from a script's first line: read it when a stop signal does not do what you expect.
+"""Ctrl-C, SIGTERM and SIGHUP from a script's first line: read it when a stop signal does not do what you expect.
 
 Each entry script (rfcl.py, rlpd.py, collect_demos.py, benchmarks/frontier.py, and your copy of one) imports this
 module before anything else. Its imports that follow take seconds (JAX, torch, ManiSkill), and there Python's own
 Ctrl-C prints a traceback from deep inside one of them, or is lost: trimesh catches BaseException around an import,
 JAX's gc callback drops what is raised in it, and the run goes on to train. From here until a loop takes the signals
-over (bookkeeping.StopRequest, which saves first), either signal prints one line, "stopped by SIGINT", ends the env
-workers and exits (130, or 143 for SIGTERM); nothing has been written by then. An exit that is still dropped happens
+over (bookkeeping.StopRequest, which saves first), each of SIGNALS prints one line, "stopped by SIGINT", ends the env
+workers and exits (128 + the signal's number: 130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP, which a closed terminal
+or a dropped ssh session sends); nothing has been written by then. An exit that is still dropped happens
 at the script's next exit_if_signalled. Imported by a test or a notebook, this module changes no handler.
 """
 
@@ -14,10 +15,13 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import os
+from multiprocessing import resource_tracker
 import signal
 import sys
 import threading
 
+# the stop signals: Ctrl-C, kill / Slurm's warning, and a closed terminal or dropped ssh session
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _SIGNALLED = []  # the signals received; see exit_if_signalled
 _IMPORTS_DONE = []  # set by the script's first exit_if_signalled, once its slow imports are done
 
@@ -27,6 +31,7 @@ def _stop(signum, frame):
         threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
         return
     _SIGNALLED.append(signal.Signals(signum).name)
+    quiet_if_terminal_gone(signum)
     print(f"stopped by {_SIGNALLED[-1]}", file=sys.stderr, flush=True)
     if not _IMPORTS_DONE:  # nothing to clean up yet, and an exception raised inside a library's import may be
         os._exit(128 + signum)  # dropped (trimesh) or turned into another one (a class's __set_name__)
@@ -36,7 +41,19 @@ def _stop(signum, frame):
 def _exit():
     for worker in multiprocessing.active_children():  # env workers: they hold nothing to save, and left alive they
         worker.kill()  # would print a traceback each once this process has closed their pipes
-    raise SystemExit(130 if _SIGNALLED[0] == "SIGINT" else 143)
+    raise SystemExit(128 + signal.Signals[_SIGNALLED[0]].value)
+
+
+def quiet_if_terminal_gone(signum: int) -> None:
+    """After SIGHUP from a closed terminal, writing to it fails (EIO) wherever a line or a progress bar is printed:
+    stdout and stderr that were that terminal go to /dev/null from here, so the run can still save and exit."""
+    if signum != signal.SIGHUP:
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        if os.isatty(fd):
+            os.dup2(null, fd)
+    os.close(null)
 
 
 def _dropped_there(frame) -> bool:
@@ -51,8 +68,16 @@ def _dropped_there(frame) -> bool:
 
 
 def exit_on_signals() -> None:
-    """Ctrl-C (SIGINT) or SIGTERM: one line and an exit at once."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    """Each of SIGNALS: one line and an exit at once. multiprocessing's resource tracker (a process of the same group,
+    which the env workers' shared memory needs) ignores SIGINT and SIGTERM itself; it is started here ignoring SIGHUP
+    too (an ignored signal stays ignored in the program it executes), since a closed terminal would otherwise kill it
+    and its replacement print a traceback for every shared block it never knew."""
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    for sig in SIGNALS:
         signal.signal(sig, _stop)
 
 
@@ -78,5 +103,5 @@ _IMPORTER = _importer()
 if _IMPORTER == "__main__":
     exit_on_signals()
 elif _IMPORTER == "__mp_main__":  # an env worker: Ctrl-C reaches the whole process group; the main process decides
-    for _sig in (signal.SIGINT, signal.SIGTERM):
+    for _sig in SIGNALS:
         signal.signal(_sig, signal.SIG_IGN)

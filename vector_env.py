@@ -36,6 +36,7 @@ from gymnasium.vector import AutoresetMode
 from mani_skill.utils.wrappers.gymnasium import CPUGymWrapper
 
 import common
+import stop_signals
 
 class _SaidByTheMainProcess(logging.Filter):
     """ManiSkill warns in every process that renders without CUDA ('Requested to use render device "sapien_cuda", but
@@ -131,8 +132,8 @@ class CPUWorkerEnv(gym.Wrapper):
         # decides when to stop (StopRequest) and closes this worker; a worker whose main process dies sees its pipe
         # close. Only in a worker: gymnasium also builds one env in the main process, to read its spaces.
         if multiprocessing.parent_process() is not None:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            for sig in stop_signals.SIGNALS:
+                signal.signal(sig, signal.SIG_IGN)
 
     def reset(self, seed=None, options=None):
         """A seeded reset; with options["states"][idx] = (state, obs), that state is then restored (the seed
@@ -304,6 +305,21 @@ def make_envs(env_id: str, num_envs: int, sim_backend: str, obs_mode: str, contr
     physics over the task's own (sim_config())."""
     return (GPUEnvs if sim_backend == "gpu" else CPUEnvs)(env_id, num_envs, obs_mode, control_mode, render_size,
                                                           sim_config)
+
+
+def env_dims(env_id: str, obs_mode: str, control_mode: str, sim_config: Optional[dict] = None) -> tuple[int, int]:
+    """(obs_dim, act_dim) of env_id with these modes, from one env built in this process and closed again (about
+    0.5 s), so that demos and checkpoints are checked against the env before any env worker starts. A control mode
+    the env's robot does not have is one line listing those it has."""
+    try:
+        env = gym.make(env_id, **env_kwargs(obs_mode, control_mode, 1, "physx_cpu", sim_config=sim_config))
+    except AssertionError as e:
+        if "not in supported modes" not in str(e):
+            raise
+        common.fail(f"{env_id} has no --control-mode {control_mode}; its robot has {str(e).split(': ', 1)[1]}")
+    dims = env.observation_space.shape[-1], env.action_space.shape[-1]
+    env.close()
+    return dims
 
 
 def check_gpu_simulation() -> None:

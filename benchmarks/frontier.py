@@ -31,9 +31,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import stop_signals  # noqa: E402  first: from here on Ctrl-C or SIGTERM exits with one line, the slow imports too
+import stop_signals  # noqa: E402  first: from here a stop signal exits with one line, the slow imports too
 
 import json  # noqa: E402
+import tempfile  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from typing import Optional  # noqa: E402
 
@@ -225,14 +226,23 @@ def main(a: Args) -> dict:
         sys.exit("error: --every must be >= 1, --stochastic and --initial-states >= 0")
     if a.initial_states and a.demo_actions:
         sys.exit("error: --demo-actions replays demos from their own states; leave out --initial-states")
+    if a.num_demos is not None and a.num_demos < 1:
+        sys.exit(f"error: --num-demos must be >= 1, got {a.num_demos}")
+    if a.out:  # before the probe, which can take an hour, not after it
+        try:
+            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=Path(a.out).parent).close()
+        except OSError as e:
+            sys.exit(f"error: cannot write --out {a.out} ({e.strerror or e}); pass a path in a writable folder")
     result = probe(a)
     md = table(result, a.stochastic > 0 and not a.demo_actions)
     print(md)
     if a.out:
+        import bookkeeping
+
         out = Path(a.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".md").write_text(md)
-        out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+        bookkeeping.write_atomic(out.with_suffix(".json"), json.dumps(result, indent=2).encode())
+        bookkeeping.write_atomic(out.with_suffix(".md"), md.encode())
     return result
 
 

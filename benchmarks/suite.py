@@ -151,9 +151,22 @@ class Job:
 
 
 def grid(a: Args) -> list[RunSpec]:
+    """The runs of the grid; every value that no run could use is one line before any run starts."""
+    for flag, value in (("total-timesteps", a.total_timesteps), ("parallel", a.parallel),
+                        ("slurm-time-min", a.slurm_time_min), ("slurm-cpus", a.slurm_cpus)):
+        if value < 1:
+            raise SystemExit(f"error: --{flag} must be >= 1, got {value}")
+    if a.target_success is not None and not 0 <= a.target_success <= 1:
+        raise SystemExit(f"error: --target-success is an eval success rate in [0, 1], got {a.target_success}")
+    if Path(a.prefix).name != a.prefix or a.prefix in ("", ".", ".."):
+        raise SystemExit(f"error: --prefix is part of a folder name under runs/, got {a.prefix!r}")
+    if not a.seeds or min(a.seeds) < 0:
+        raise SystemExit(f"error: --seeds takes one or more seeds >= 0, got {a.seeds}")
     budgets = {}
     for b in a.budgets:
         env, _, steps = b.partition("=")
+        if not env or not steps.isdigit() or int(steps) < 1:
+            raise SystemExit(f"error: --budgets takes ENV_ID=STEPS (e.g. StackCube-v1=2000000), got {b!r}")
         budgets[env] = int(steps)
     extra = [*a.extra, *(["--target-success", str(a.target_success)] if a.target_success is not None else [])]
     specs = []

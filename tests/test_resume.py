@@ -182,19 +182,22 @@ def test_bad_resume_inputs_are_one_line_errors_and_change_nothing(saved_run, tmp
 
 
 def test_a_resume_state_write_is_atomic(tmp_path, monkeypatch):
-    """The previous state stays whole until the new one is complete: a write that dies midway leaves it."""
+    """The previous state stays whole until the new one is complete: a write that dies midway leaves it, removes its
+    temporary file and says so in one line."""
     path = tmp_path / bookkeeping.RESUME_FILE
     config = dataclasses.asdict(rfcl.Args(exp_name="a", max_episode_steps=50))
     bookkeeping.save_resume_state(path, "rfcl", rfcl.SCRIPT, config, 10, 1, {"x": np.zeros(10)})
     first = path.read_bytes()
 
     def dies(*a, **k):
-        raise OSError("disk full")
+        raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(bookkeeping.os, "fsync", dies)
-    with pytest.raises(OSError):
+    with pytest.raises(SystemExit) as e:
         bookkeeping.save_resume_state(path, "rfcl", rfcl.SCRIPT, config, 20, 1, {"x": np.ones(10**5)})
-    assert path.read_bytes() == first
+    assert str(e.value.code).startswith(f"error: could not write {path} (No space left on device): the previous "
+                                        f"resume state is intact: --resume {tmp_path} continues from env step 10")
+    assert path.read_bytes() == first and sorted(p.name for p in tmp_path.iterdir()) == [bookkeeping.RESUME_FILE]
     assert bookkeeping.load_resume_state(path, "rfcl")[0]["global_step"] == 10
 
 

@@ -150,15 +150,17 @@ def test_reset_to_a_demo_state_gives_the_demo_observation(demo_path):
         env.close()
 
 
-def test_ctrl_c_and_sigterm_are_the_same_stop_request_and_a_second_one_stops_at_once():
+def test_ctrl_c_sigterm_and_sighup_are_the_same_stop_request_and_a_third_one_stops_at_once():
     import bookkeeping
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         stop = bookkeeping.StopRequest()
         try:
             assert not stop
             os.kill(os.getpid(), sig)
             assert stop and stop.name == sig.name and stop.exit_code == 128 + sig
+            os.kill(os.getpid(), sig)  # the second: the save goes on
+            assert stop.count == 2
             with pytest.raises(SystemExit) as e:
                 os.kill(os.getpid(), sig)
             assert e.value.code == 128 + sig
