@@ -15,6 +15,7 @@ Writes a markdown table to stdout and, with --out, to <out>.md and <out>.json.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -251,7 +252,8 @@ class Args:
     out: Optional[str] = None
 
 
-def run_mutant(repo: Path, file: str, old: str, new: str, tests: list[str], timeout: int) -> tuple[bool, float]:
+def run_mutant(repo: Path, file: str, old: str, new: str, tests: list[str], timeout: int,
+               env: Optional[dict] = None) -> tuple[bool, float]:
     """(caught, seconds): pytest -x on `tests` in a copy of `repo` whose `file` has `old` replaced by `new`."""
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "repo"
@@ -261,7 +263,7 @@ def run_mutant(repo: Path, file: str, old: str, new: str, tests: list[str], time
         t0 = time.time()
         try:
             proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
-                                  cwd=copy, capture_output=True, text=True, timeout=timeout)
+                                  cwd=copy, capture_output=True, text=True, timeout=timeout, env=env)
             return proc.returncode != 0, time.time() - t0
         except subprocess.TimeoutExpired:
             return True, time.time() - t0
@@ -269,6 +271,11 @@ def run_mutant(repo: Path, file: str, old: str, new: str, tests: list[str], time
 
 def main(a: Args) -> list[dict]:
     repo = Path(a.repo or ROOT).resolve()
+    # one JAX compilation cache for all the mutants of this process (the tests' conftest uses a given one): a mutant
+    # compiles only what its mutation changed (the cache is keyed by the compiled program), not every network again
+    cache = tempfile.TemporaryDirectory(prefix="mutation-jax-cache-")
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache.name, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
     rows = []
     for name, group, alternatives, *file in MUTANTS:
         if (a.only and not any(o in name for o in a.only)) or (a.groups and group not in a.groups):
@@ -282,7 +289,7 @@ def main(a: Args) -> list[dict]:
         if hit is None or not any(t.endswith(".py") for t in tests):
             rows.append({"mutant": name, "group": group, "result": "not applicable"})
         else:
-            caught, secs = run_mutant(repo, file, *hit, tests, a.timeout)
+            caught, secs = run_mutant(repo, file, *hit, tests, a.timeout, env)
             rows.append({"mutant": name, "group": group, "result": "caught" if caught else "SURVIVED",
                          "seconds": round(secs)})
         print(f"{rows[-1]['result']:14s} {name}", file=sys.stderr, flush=True)

@@ -6,6 +6,9 @@ line holding it). After editing a script, `python tests/test_docs.py --fix` rewr
 """
 
 import ast
+import contextlib
+import importlib.util
+import io
 import re
 import subprocess
 import sys
@@ -13,6 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import pytest
+import tyro
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "docs" / "rfcl.md", ROOT / "docs" / "rlpd.md", ROOT / "docs" / "results.md",
@@ -26,11 +30,26 @@ FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 
 @lru_cache(maxsize=None)
 def help_text(script: str) -> str:
-    target = [str(ROOT / script)] if script.endswith(".py") else ["-m", script]
-    out = subprocess.run([sys.executable, *target, "--help"], capture_output=True, text=True,
-                         cwd=ROOT, timeout=300)
-    assert out.returncode == 0, f"{script} --help failed: {out.stderr[-500:]}"
-    return out.stdout
+    """What `python <script> --help` prints: our scripts' help is made in this process (their modules are loaded
+    here anyway, and a subprocess per script would import JAX and ManiSkill ten times over)."""
+    if not script.endswith(".py"):
+        out = subprocess.run([sys.executable, "-m", script, "--help"], capture_output=True, text=True, cwd=ROOT,
+                             timeout=300)
+        assert out.returncode == 0, f"{script} --help failed: {out.stderr[-500:]}"
+        return out.stdout
+    path = ROOT / script
+    spec = importlib.util.spec_from_file_location(f"_help_of_{path.stem}", path)
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look it up
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as e:
+        module.parse_args(["--help"]) if hasattr(module, "parse_args") else tyro.cli(module.Args, args=["--help"])
+    assert e.value.code in (0, None), f"{script} --help failed"
+    return out.getvalue()
 
 
 def help_flags(script: str) -> set:
