@@ -10,7 +10,7 @@ rfcl.py
       curriculum each finished stage-2 episode's own pool index and success (with success scripted so that episodes
       differ: per-episode flags carried over would show). tests/test_loop_seams.py checks the two success rules.
   R3. Stage-2 episodes run under stage 2's rules: sampled actions (no frontier episode's policy mean), the full
-      --max-episode-steps, seeds from the pool.
+      --max-episode-steps, seeds from the pool; also at start_episodes itself, after any stage-1 episode.
 rlpd.py
   P1. Every batch is half online, half from the demo file: the update is handed the demo rows as its offline
       buffer, and the offline half is drawn independently of the online half.
@@ -272,6 +272,24 @@ def test_stage2_episodes_act_sampled_with_the_full_horizon_from_pool_seeds(runs)
     assert all((h[m] == HORIZON).all() for stage, m, _, h, _ in seen["starts"] if stage == 2)
     pool = set(int(s) for s in seen["payload"]["forward"]["seeds"])
     assert {e["seed"] for e in episodes(seen) if not e["start"]} <= pool
+
+
+def test_a_stage2_start_clears_what_the_envs_previous_episode_left(tmp_path):
+    """R3 at start_episodes itself, whatever the last stage-1 episode of each env was (the run above may switch
+    with no frontier episode running): a stage-2 start acts sampled, with the full horizon, a pool seed, no demo
+    state, and its counters from zero."""
+    class Envs:
+        def reset(self, mask, seeds, states):
+            self.seeds, self.states = np.array(seeds), states
+            return np.zeros((len(mask), 1))
+    eps, envs = rfcl.Episodes.empty(3), Envs()
+    eps.det[:], eps.once[:], eps.length[:], eps.ret[:], eps.horizon[:] = True, True, 7, 1.5, 20
+    forward = rfcl.ForwardCurriculum(np.arange(4) + 100, temperature=1.0, staleness_coef=0.1, history=5,
+                                     rng=np.random.default_rng(0))
+    rfcl.start_episodes(np.ones(3, bool), eps, envs, 2, None, forward, None, rfcl.Args(max_episode_steps=50))
+    assert not eps.det.any() and not eps.once.any() and (eps.length == 0).all() and (eps.ret == 0).all()
+    assert (eps.horizon == 50).all() and set(envs.seeds) <= set(range(100, 104)) and envs.states == [None] * 3
+    np.testing.assert_array_equal(envs.seeds, forward.seeds[eps.seed_idx])
 
 
 # ---- rlpd.py ----------------------------------------------------------------------------------------------------
