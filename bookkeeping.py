@@ -700,8 +700,8 @@ class RunLog:
     def finish(self, step: int, stop: Optional[StopRequest] = None, **extra) -> dict:
         """runs/<exp-name>/summary.json, also printed; after a stop signal, one line on what was saved."""
         self.pbar.close()
-        if stop is not None:
-            stop.restore()
+        if stop:  # the signals stay with `stop` until the last line is out: the save point is complete by now
+            stop.lost = f"the resume state is saved (--resume {self.run_dir} continues); summary.json may not be"
         summary = {"global_step": step, "stopped_by": stop.name if stop else None,
                    "target_reached": self.target_reached, **extra,
                    "eval_success_at_end": None if np.isnan(self.last_success) else self.last_success,
@@ -713,4 +713,6 @@ class RunLog:
         if stop:
             print(f"stopped by {stop.name} at env step {step}; continue with: python {Path(sys.argv[0]).name} "
                   f"--resume {self.run_dir}", file=sys.stderr)
+        if stop is not None:
+            stop.restore()
         return summary
