@@ -95,6 +95,15 @@ def interrupted(args, cwd, sig, after: float = 0.0, once: str = "", group: bool 
     return proc.returncode, [line.strip() for line in lines if line.strip()]
 
 
+def one_line(fn) -> str:
+    """The message of the user error that fn() exits with: one line starting 'error: '."""
+    with pytest.raises(SystemExit) as e:
+        fn()
+    msg = str(e.value.code)
+    assert msg.startswith("error: ") and "\n" not in msg, msg
+    return msg
+
+
 def error_line(proc) -> str:
     """The last stderr line of a failed run: our one-line user errors start with 'error: '."""
     lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]

@@ -27,7 +27,7 @@ import demo_making
 import rfcl
 import rlpd
 import vector_env
-from conftest import ROOT, error_line, read_scalars, run_script
+from conftest import ROOT, error_line, one_line, read_scalars, run_script
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import frontier  # noqa: E402
@@ -36,14 +36,6 @@ import suite  # noqa: E402
 SMALL = ["--num-demos", "2", "--num-envs", "2", "--num-eval-envs", "1", "--num-eval-episodes", "1", "--log-freq", "32",
          "--num-seed-steps", "64", "--grad-updates-per-step", "2", "--batch-size", "32", "--hidden-dims", "32",
          "--no-capture-video", "--max-episode-steps", "20"]
-
-
-def one_line(fn) -> str:
-    with pytest.raises(SystemExit) as e:
-        fn()
-    msg = str(e.value.code)
-    assert msg.startswith("error: ") and "\n" not in msg, msg
-    return msg
 
 
 def no_tmp_files(root) -> bool:

@@ -12,18 +12,10 @@ import bookkeeping
 import common
 import rfcl
 import vector_env
-from conftest import CONTROL_MODE, ENV_ID, OBS_MODE, ROOT, error_line, run_script
+from conftest import CONTROL_MODE, ENV_ID, OBS_MODE, ROOT, error_line, one_line, run_script
 
 FAST = {"sim_freq": 200, "scene_config": {"solver_position_iterations": 20},
         "default_materials_config": {"static_friction": 0.8, "dynamic_friction": 0.8}}
-
-
-def one_line_exit(fn) -> str:
-    with pytest.raises(SystemExit) as e:
-        fn()
-    msg = str(e.value.code)
-    assert msg.startswith("error: ") and "\n" not in msg, msg
-    return msg
 
 
 def test_names_and_json_are_checked_as_maniskill_checks_them():
@@ -32,13 +24,13 @@ def test_names_and_json_are_checked_as_maniskill_checks_them():
                                             "default_materials_config": {"static_friction": 1.0,
                                                                          "dynamic_friction": 1.0}}
     assert vector_env.sim_config(json.dumps(FAST)) == FAST
-    assert one_line_exit(lambda: vector_env.sim_config("ms3")).startswith(
+    assert one_line(lambda: vector_env.sim_config("ms3")).startswith(
         "error: --sim-config takes default or ms2 or a JSON object of ManiSkill's SimConfig fields")
-    assert one_line_exit(lambda: vector_env.sim_config("[500]")).startswith("error: --sim-config takes")
-    assert "sim_frq" in one_line_exit(lambda: vector_env.sim_config('{"sim_frq": 500}'))
-    assert "solver_iterations" in one_line_exit(
+    assert one_line(lambda: vector_env.sim_config("[500]")).startswith("error: --sim-config takes")
+    assert "sim_frq" in one_line(lambda: vector_env.sim_config('{"sim_frq": 500}'))
+    assert "solver_iterations" in one_line(
         lambda: vector_env.sim_config('{"scene_config": {"solver_iterations": 25}}'))
-    assert one_line_exit(lambda: vector_env.sim_config('{"sim_freq": 130}')) == (
+    assert one_line(lambda: vector_env.sim_config('{"sim_freq": 130}')) == (
         "error: --sim-config: sim_freq (130) must be a positive multiple of control_freq (20)")
 
 
@@ -101,10 +93,10 @@ def test_a_run_its_checkpoint_and_every_tool_keep_the_physics(fast_demos, demo_p
     assert bookkeeping.checkpoint_sim_config(bookkeeping.load_checkpoint(str(ckpt_path))) == FAST
 
     # other physics than the demos' or the checkpoint's: one line, nothing built or written
-    assert one_line_exit(lambda: rfcl.main(rfcl.parse_args([*flags, "--exp-name", "x", "--dataset-path",
+    assert one_line(lambda: rfcl.main(rfcl.parse_args([*flags, "--exp-name", "x", "--dataset-path",
                                                             str(demo_path), "--sim-config", json.dumps(FAST)]))
                          ).startswith(f"error: {demo_path} was recorded under the physics the task's own")
-    assert one_line_exit(lambda: rfcl.main(rfcl.parse_args(["--evaluate", "--checkpoint", str(ckpt_path),
+    assert one_line(lambda: rfcl.main(rfcl.parse_args(["--evaluate", "--checkpoint", str(ckpt_path),
                                                             "--exp-name", "y"]))) == (
         f"error: {ckpt_path} was trained under the physics {json.dumps(FAST, sort_keys=True)}, not the task's own (no "
         f"--sim-config); pass the same --sim-config")
