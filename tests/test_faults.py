@@ -175,14 +175,31 @@ def test_sighup_from_a_closed_terminal_saves_and_stops_like_sigterm(demo_path, t
     assert (tmp_path / "runs" / "hup" / "checkpoints" / f"step_{header['global_step']:08d}.ckpt").exists()
 
 
-def test_a_second_ctrl_c_lets_the_save_finish(demo_path, tmp_path):
-    # 0.1 s apart (a signal still pending absorbs another of its kind), well within the save point
-    code, lines = signalled("rlpd.py", "twice", tmp_path, [signal.SIGINT] * 2, 0.1)
-    assert code == 130 and not any("Traceback" in x for x in lines), lines
-    assert lines[0] == "SIGINT: saving and stopping after this iteration (a third signal stops at once, unsaved)"
-    assert "SIGINT again: still saving, which keeps the work; once more stops at once, without the save" in lines
-    assert lines[-1].startswith("stopped by SIGINT at env step ")
-    assert (tmp_path / "runs" / "twice" / bookkeeping.RESUME_FILE).exists()
+def test_a_second_ctrl_c_lets_the_save_finish(demo_path, tmp_path, monkeypatch, capsys):
+    """The first signal at env step 96, a second as its save point's resume state begins to be written: the save
+    completes and the run stops as after one signal."""
+    monkeypatch.chdir(tmp_path)
+    progress, save = bookkeeping.RunLog.progress, bookkeeping.save_resume_state
+
+    def first_at_96(self, step):
+        progress(self, step)
+        if step == 96:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def one_more(path, algorithm, script, config, step, *a, **k):
+        if step == 96:
+            os.kill(os.getpid(), signal.SIGINT)
+        return save(path, algorithm, script, config, step, *a, **k)
+    monkeypatch.setattr(bookkeeping.RunLog, "progress", first_at_96)
+    monkeypatch.setattr(bookkeeping, "save_resume_state", one_more)
+    with pytest.raises(SystemExit) as e:
+        rlpd.main(rlpd.parse_args([*SMALL, "--exp-name", "twice", "--save-freq", "64", "--eval-freq", "1000",
+                                   "--total-timesteps", "1000"]))
+    assert e.value.code == 130
+    err = [x for x in capsys.readouterr().err.replace("\r", "\n").splitlines() if x.strip() and "step/s" not in x]
+    assert "SIGINT again: still saving, which keeps the work; once more stops at once, without the save" in err
+    assert err[-1].startswith("stopped by SIGINT at env step 96; continue with: python ")
+    assert bookkeeping.read_resume_header(tmp_path / "runs" / "twice" / bookkeeping.RESUME_FILE)["global_step"] == 96
 
 
 def test_a_third_ctrl_c_inside_the_save_stops_at_once_saying_what_is_lost(demo_path, tmp_path, monkeypatch, capsys):
