@@ -175,9 +175,9 @@ def test_sighup_from_a_closed_terminal_saves_and_stops_like_sigterm(demo_path, t
     assert (tmp_path / "runs" / "hup" / "checkpoints" / f"step_{header['global_step']:08d}.ckpt").exists()
 
 
-def test_a_second_ctrl_c_lets_the_save_finish(demo_path, tmp_path, monkeypatch, capsys):
-    """The first signal at env step 96, a second as its save point's resume state begins to be written: the save
-    completes and the run stops as after one signal."""
+def ctrl_c_at_96(name, tmp_path, monkeypatch, capsys, during_save: int):
+    """An rlpd.py run (saving every 64 env steps) gets Ctrl-C at env step 96 and `during_save` more as that save
+    point's resume state begins to be written. Returns (exit code, the non-empty stderr lines)."""
     monkeypatch.chdir(tmp_path)
     progress, save = bookkeeping.RunLog.progress, bookkeeping.save_resume_state
 
@@ -186,45 +186,34 @@ def test_a_second_ctrl_c_lets_the_save_finish(demo_path, tmp_path, monkeypatch, 
         if step == 96:
             os.kill(os.getpid(), signal.SIGINT)
 
-    def one_more(path, algorithm, script, config, step, *a, **k):
-        if step == 96:
+    def more(path, algorithm, script, config, step, *a, **k):
+        for _ in range(during_save if step == 96 else 0):
             os.kill(os.getpid(), signal.SIGINT)
         return save(path, algorithm, script, config, step, *a, **k)
     monkeypatch.setattr(bookkeeping.RunLog, "progress", first_at_96)
-    monkeypatch.setattr(bookkeeping, "save_resume_state", one_more)
+    monkeypatch.setattr(bookkeeping, "save_resume_state", more)
     with pytest.raises(SystemExit) as e:
-        rlpd.main(rlpd.parse_args([*SMALL, "--exp-name", "twice", "--save-freq", "64", "--eval-freq", "1000",
+        rlpd.main(rlpd.parse_args([*SMALL, "--exp-name", name, "--save-freq", "64", "--eval-freq", "1000",
                                    "--total-timesteps", "1000"]))
-    assert e.value.code == 130
     err = [x for x in capsys.readouterr().err.replace("\r", "\n").splitlines() if x.strip() and "step/s" not in x]
+    return e.value.code, err
+
+
+def test_a_second_ctrl_c_lets_the_save_finish(demo_path, tmp_path, monkeypatch, capsys):
+    """The second signal as the save point's resume state begins to be written: the save completes and the run
+    stops as after one signal."""
+    code, err = ctrl_c_at_96("twice", tmp_path, monkeypatch, capsys, during_save=1)
+    assert code == 130
     assert "SIGINT again: still saving, which keeps the work; once more stops at once, without the save" in err
     assert err[-1].startswith("stopped by SIGINT at env step 96; continue with: python ")
     assert bookkeeping.read_resume_header(tmp_path / "runs" / "twice" / bookkeeping.RESUME_FILE)["global_step"] == 96
 
 
 def test_a_third_ctrl_c_inside_the_save_stops_at_once_saying_what_is_lost(demo_path, tmp_path, monkeypatch, capsys):
-    """The first signal at env step 96 (a save point: --save-freq 64 saved at 64), two more as the resume state of
-    96 begins to be written: it exits at once, leaves the state of 64 as it was, and says so."""
-    monkeypatch.chdir(tmp_path)
-    progress, save = bookkeeping.RunLog.progress, bookkeeping.save_resume_state
-
-    def first_at_96(self, step):
-        progress(self, step)
-        if step == 96:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    def two_more(path, algorithm, script, config, step, *a, **k):
-        if step == 96:
-            os.kill(os.getpid(), signal.SIGINT)
-            os.kill(os.getpid(), signal.SIGINT)
-        return save(path, algorithm, script, config, step, *a, **k)
-    monkeypatch.setattr(bookkeeping.RunLog, "progress", first_at_96)
-    monkeypatch.setattr(bookkeeping, "save_resume_state", two_more)
-    with pytest.raises(SystemExit) as e:
-        rlpd.main(rlpd.parse_args([*SMALL, "--exp-name", "t", "--save-freq", "64", "--eval-freq", "1000",
-                                   "--total-timesteps", "1000"]))
-    assert e.value.code == 130
-    err = [x for x in capsys.readouterr().err.replace("\r", "\n").splitlines() if x.strip() and "step/s" not in x]
+    """Two more as the resume state of 96 begins to be written (--save-freq 64 saved at 64): it exits at once,
+    leaves the state of 64 as it was, and says so."""
+    code, err = ctrl_c_at_96("t", tmp_path, monkeypatch, capsys, during_save=2)
+    assert code == 130
     assert err[-1] == ("stopped at once by a third signal (SIGINT): this save point's resume state is not written; "
                        "--resume continues from the previous save point, whose files are intact")
     assert bookkeeping.read_resume_header(tmp_path / "runs" / "t" / bookkeeping.RESUME_FILE)["global_step"] == 64
