@@ -34,8 +34,8 @@ from mani_skill.utils.wrappers.gymnasium import CPUGymWrapper
 from mani_skill.utils.wrappers.record import RecordEpisode
 from tqdm import tqdm
 
-import bookkeeping
 import common
+import run_files
 import vector_env
 
 
@@ -70,13 +70,13 @@ class Args:
 
 def load_policy(path: str, script: Optional[str] = None):
     """Checkpoint dict plus a jitted deterministic policy, built with the networks of the script that wrote it."""
-    ckpt = bookkeeping.load_checkpoint(path)
-    return ckpt, bookkeeping.checkpoint_script(ckpt, path, script).load_actor(ckpt)[0]
+    ckpt = run_files.load_checkpoint(path)
+    return ckpt, run_files.checkpoint_script(ckpt, path, script).load_actor(ckpt)[0]
 
 
 def make_env_kwargs(ckpt: dict, max_steps: int, num_envs: int, sim_backend: str, render: bool) -> dict:
     return vector_env.env_kwargs(ckpt["obs_mode"], ckpt["control_mode"], num_envs, sim_backend, 256 if render else None,
-                                 max_steps, bookkeeping.checkpoint_sim_config(ckpt))  # the physics it was trained in
+                                 max_steps, run_files.checkpoint_sim_config(ckpt))  # the physics it was trained in
 
 
 SOURCE_DESC = "rollouts of a {algo} policy (deterministic actions) from checkpoint {path}"
@@ -200,7 +200,7 @@ def main(args: Args) -> None:
     except OSError as e:
         common.fail(f"cannot write in --output-dir {out_dir} ({e.strerror or e}); pass a writable folder")
     # unique to this process (another one may write into the same folder in the same second), and placed without
-    # ever replacing a file (bookkeeping.place_new)
+    # ever replacing a file (common.place_new)
     name = (f"{ckpt['algorithm']}_{ckpt_path.stem}_{args.num_episodes}_{time.strftime('%Y%m%d_%H%M%S')}_"
             f"{secrets.token_hex(3)}.{ckpt['obs_mode']}.{ckpt['control_mode']}."
             f"physx_{'cuda' if args.sim_backend == 'gpu' else 'cpu'}")
@@ -217,7 +217,7 @@ def main(args: Args) -> None:
         kept = attempts = successes = videos = 0
         pbar = tqdm(total=args.num_episodes, unit="demo", dynamic_ncols=True)
         # Ctrl-C / SIGTERM / SIGHUP: the episodes kept so far are written, then it exits
-        stop = bookkeeping.StopRequest(lost="the demos collected so far are not written")
+        stop = stop_signals.StopRequest(lost="the demos collected so far are not written")
         while kept < args.num_episodes and attempts < max_attempts and not stop:
             seeds = args.seed + attempts + np.arange(args.num_envs)
             obs = rec.reset(seeds)
@@ -245,15 +245,15 @@ def main(args: Args) -> None:
             try:
                 merge_trajectories(str(tmp_h5), parts)
             except OSError as e:
-                bookkeeping.write_failed(out_h5, e)
+                common.write_failed(out_h5, e)
             meta = json.loads(tmp_h5.with_suffix(".json").read_text())
             # a GPU reset call draws all its envs from its first env's seed: there a recorded seed does not give
             # back its episode's initial state; the recorded env states always do
             meta["reset_seeds_reproduce_episodes"] = args.sim_backend == "cpu"
-            bookkeeping.write_json(tmp_h5.with_suffix(".json"), meta)
+            common.write_json(tmp_h5.with_suffix(".json"), meta)
             # json last: a reader that finds the json finds a complete h5
-            bookkeeping.place_new(tmp_h5, out_h5)
-            bookkeeping.place_new(tmp_h5.with_suffix(".json"), out_h5.with_suffix(".json"))
+            common.place_new(tmp_h5, out_h5)
+            common.place_new(tmp_h5.with_suffix(".json"), out_h5.with_suffix(".json"))
     report = {"path": str(out_h5) if kept else None, "episodes_written": kept, "attempts": attempts,
               "success_rate": successes / max(attempts, 1), "seconds": round(time.time() - t0, 1)}
     print(json.dumps(report))

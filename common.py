@@ -11,6 +11,7 @@ Every user-facing failure is one line saying what was wrong and how to fix it (f
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import multiprocessing
@@ -36,6 +37,80 @@ def fail(msg: str):
     for bar in list(bars.tqdm._instances) if bars else []:
         bar.close()
     sys.exit(f"error: {msg}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Files written atomically (run files, checkpoints, demos, results)
+# ----------------------------------------------------------------------------------------------
+RESUME_FILE = "resume.state"  # a run's resume state, in runs/<exp-name>/ (run_files.py)
+
+
+def write_atomic(path: Path, data) -> None:
+    """Write `data` (bytes, or a list of bytes) to a hidden temporary file beside `path`, flush it to disk, then
+    rename: a reader never sees half a file, and a crash leaves the previous file whole. A write that fails (no
+    space, read-only, no permission) or is interrupted removes its temporary file; a failure is then one line saying
+    what is intact and what is lost (write_failed), and the process stops."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in [data] if isinstance(data, (bytes, bytearray)) else data:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(e, OSError):
+            write_failed(path, e)
+        raise
+
+
+def write_failed(path: Path, e: OSError):
+    """The one line of a write that failed: the file, why, what is intact (the previous file of that name, and for a
+    resume state the step --resume continues from), and that the process stops instead of working on towards
+    saves it cannot make."""
+    if path.name == RESUME_FILE:
+        try:
+            with open(path, "rb") as f:
+                step = json.loads(f.readline())["global_step"]
+            kept = (f"the previous resume state is intact: --resume {path.parent} continues from env step {step}, "
+                    f"and everything since is lost")
+        except (OSError, ValueError, KeyError):
+            kept = "this run has no resume state yet, so it cannot be continued; its checkpoints so far are intact"
+    else:
+        kept = f"the previous {path.name} is intact" if path.exists() else f"{path.name} was not written"
+    fail(f"could not write {path} ({e.strerror or e}): {kept}. Free space on that disk (or make {path.parent} "
+         f"writable); stopped here")
+
+
+def write_json(path: Path, obj) -> None:
+    write_atomic(path, json.dumps(obj, indent=2).encode())
+
+
+def place_new(src: Path, dst: Path) -> None:
+    """Move a finished file to dst, refusing to replace one that is there (one line): a hard link cannot overwrite,
+    so two writers never both believe they wrote dst."""
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        fail(f"{dst} appeared while this was being written (another process?); nothing was replaced, and this "
+             f"process's file was not kept: run it again")
+    except OSError:  # a file system without hard links: check, then rename
+        if dst.exists():
+            fail(f"{dst} exists; nothing was replaced: run it again")
+        try:
+            os.replace(src, dst)
+        except OSError as e2:
+            write_failed(dst, e2)
+        return
+    os.unlink(src)
+
+
+def copy_atomic(src: Path, dst: Path) -> None:
+    """A copy of `src` at `dst` that later writes of `src` leave as it is, written like write_atomic."""
+    with open(src, "rb") as f:
+        write_atomic(dst, iter(lambda: f.read(2**24), b""))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,22 +166,6 @@ def find_demo_file(env_id: str, obs_mode: str, control_mode: str, min_demos: int
         if n >= min_demos and n > best_n:
             best, best_n = h5, n
     return best
-
-
-def get_demos(env_id: str, obs_mode: str, control_mode: str, num_demos: int,
-              dataset_path: str | None = None, sim_config: Optional[dict] = None) -> Path:
-    """Path of a trajectory file with >= num_demos demos: `dataset_path` if given, else cached, else made
-    (demo_making: downloaded, else generated offline), under the physics `sim_config` ({} or None: the task's own)."""
-    if dataset_path:
-        return Path(dataset_path)
-    found = find_demo_file(env_id, obs_mode, control_mode, num_demos, sim_config)
-    if found is not None:
-        return found
-    print(f"[demos] no cached {env_id} demos ({obs_mode}, {control_mode}, >= {num_demos}"
-          f"{', --sim-config ' + json.dumps(sim_config) if sim_config else ''}) in {demo_dir()}", flush=True)
-    import demo_making  # only when demos must be made: it imports this module
-
-    return demo_making.make_demos(env_id, obs_mode, control_mode, num_demos, sim_config or {})
 
 
 # Loading
@@ -250,20 +309,6 @@ def load_demos(path, num_demos: int, env_id: str | None = None, obs_mode: str | 
                         f"with this control mode; pass demos recorded with the same --control-mode")
     return d
 
-
-
-def get_and_load_demos(env_id: str, obs_mode: str, control_mode: str, num_demos: int, dataset_path: Optional[str],
-                       env_states: bool, sim_config: Optional[dict] = None,
-                       dims: Optional[tuple[int, int]] = None) -> tuple[Demos, Path]:
-    """The first num_demos demos (found, downloaded or generated) and their file, recorded under the physics
-    sim_config ({} or None: the task's own), with the env's (obs_dim, act_dim) if given; a problem is a one-line
-    error."""
-    try:
-        path = get_demos(env_id, obs_mode, control_mode, num_demos, dataset_path, sim_config)
-        return load_demos(path, num_demos, env_id, obs_mode, control_mode, *(dims or (None, None)),
-                          env_states=env_states, sim_config=sim_config or {}), path
-    except DemoError as e:
-        fail(str(e))
 
 
 def demos_digest(demos: Demos) -> str:

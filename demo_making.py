@@ -1,5 +1,5 @@
 """Making demos when none are cached: ManiSkill's download, else its motion planners (offline), then conversion to the
-requested obs and control modes. Read it to change where demos come from; common.get_demos calls make_demos."""
+requested obs and control modes. Read it to change where demos come from; get_demos finds a cached file or makes one."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Optional
 
 from tqdm import tqdm
 
-import bookkeeping
 import common
 import vector_env
 from common import DemoError, demo_dir
@@ -100,7 +100,7 @@ def generate_demos(env_id: str, obs_mode: str, control_mode: str, num_demos: int
         raw = tmp / f"{name}.h5"
         out = _convert(raw, obs_mode, control_mode, tmp)
         n_ok = len(common.read_json(out.with_suffix(".json"))["episodes"])
-        bookkeeping.write_json(final_dir / f"{name}.planner.json", {**stats, "converted": n_ok})  # kept also when too few
+        common.write_json(final_dir / f"{name}.planner.json", {**stats, "converted": n_ok})  # kept also when too few
         if n_ok < num_demos:
             raise DemoError(f"only {n_ok}/{n_gen} planner demos of {env_id} converted to {control_mode}; "
                             f"ask for fewer (--num-demos {n_ok}) or another --control-mode")
@@ -187,12 +187,40 @@ def make_demos(env_id: str, obs_mode: str, control_mode: str, num_demos: int, si
     return generate_demos(env_id, obs_mode, control_mode, num_demos, sim_config)
 
 
+def get_demos(env_id: str, obs_mode: str, control_mode: str, num_demos: int,
+              dataset_path: str | None = None, sim_config: Optional[dict] = None) -> Path:
+    """Path of a trajectory file with >= num_demos demos: `dataset_path` if given, else cached, else made
+    (demo_making: downloaded, else generated offline), under the physics `sim_config` ({} or None: the task's own)."""
+    if dataset_path:
+        return Path(dataset_path)
+    found = common.find_demo_file(env_id, obs_mode, control_mode, num_demos, sim_config)
+    if found is not None:
+        return found
+    print(f"[demos] no cached {env_id} demos ({obs_mode}, {control_mode}, >= {num_demos}"
+          f"{', --sim-config ' + json.dumps(sim_config) if sim_config else ''}) in {demo_dir()}", flush=True)
+    return make_demos(env_id, obs_mode, control_mode, num_demos, sim_config or {})
+
+
+def get_and_load_demos(env_id: str, obs_mode: str, control_mode: str, num_demos: int, dataset_path: Optional[str],
+                       env_states: bool, sim_config: Optional[dict] = None,
+                       dims: Optional[tuple[int, int]] = None) -> tuple[common.Demos, Path]:
+    """The first num_demos demos (found, downloaded or generated) and their file, recorded under the physics
+    sim_config ({} or None: the task's own), with the env's (obs_dim, act_dim) if given; a problem is a one-line
+    error."""
+    try:
+        path = get_demos(env_id, obs_mode, control_mode, num_demos, dataset_path, sim_config)
+        return common.load_demos(path, num_demos, env_id, obs_mode, control_mode, *(dims or (None, None)),
+                          env_states=env_states, sim_config=sim_config or {}), path
+    except DemoError as e:
+        common.fail(str(e))
+
+
 if __name__ == "__main__":
     # python demo_making.py plan-demos ENV_ID NUM_DEMOS MAX_ATTEMPTS OUT_STEM STATS_JSON SIM_CONFIG_JSON
     # (used by generate_demos)
     if len(sys.argv) == 8 and sys.argv[1] == "plan-demos":
         _, _, env_id_, n_, budget_, stem_, stats_, sim_ = sys.argv
-        bookkeeping.write_json(Path(stats_), plan_demos(env_id_, int(n_), int(budget_), stem_, json.loads(sim_)))
+        common.write_json(Path(stats_), plan_demos(env_id_, int(n_), int(budget_), stem_, json.loads(sim_)))
     else:
         common.fail("usage: python demo_making.py plan-demos ENV_ID NUM_DEMOS MAX_ATTEMPTS OUT_STEM STATS_JSON "
                     "SIM_CONFIG_JSON")

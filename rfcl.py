@@ -31,8 +31,10 @@ from flax import serialization, struct
 from flax.training.train_state import TrainState
 from tqdm import tqdm
 
-import bookkeeping
 import common
+import run_files
+import run_flags
+import run_log
 import vector_env
 
 ALGORITHM = "rfcl"  # checkpoints and resume states say which algorithm and which script (this file) wrote them
@@ -217,9 +219,9 @@ FORK_FIXED = ("env_id", "obs_mode", "control_mode", "sim_backend", "sim_config",
 
 
 def parse_args(argv=None) -> Args:
-    """The command line over the layered defaults (bookkeeping.parse_args): Args, then the env's registered horizon
+    """The command line over the layered defaults (run_flags.parse_args): Args, then the env's registered horizon
     and TASK_DEFAULTS, then --preset, then the flags given."""
-    return bookkeeping.parse_args(Args, PRESETS, __doc__, lambda a: {
+    return run_flags.parse_args(Args, PRESETS, __doc__, lambda a: {
         "max_episode_steps": vector_env.registered_horizon(a.env_id), **TASK_DEFAULTS.get(a.env_id, {})},
         RESUME_FLAGS, ALGORITHM, SCRIPT, argv, FORK_FIXED)
 
@@ -281,7 +283,7 @@ def check_args(args: Args) -> None:
     if args.sim_backend == "gpu":
         vector_env.check_gpu_simulation()
     if args.track:
-        bookkeeping.check_wandb()
+        run_log.check_wandb()
     if args.exp_name is None:
         args.exp_name = f"{args.env_id}__{ALGORITHM}{'_eval' if args.evaluate else ''}__{args.seed}__{int(time.time())}"
 
@@ -501,21 +503,22 @@ def init_sac(args: Args, obs_dim: int, act_dim: int, key):
 
 
 def networks(s: SACState) -> dict:
-    """The learner's weights as a checkpoint stores them (bookkeeping.NETWORK_FIELDS)."""
+    """The learner's weights: what a checkpoint stores (every entry; add one for a network you add)."""
     return {"actor_params": s.actor.params, "critic_params": s.critic.params, "target_params": s.target_params,
             "log_alpha": s.temp.params["log_alpha"]}
 
 
-def with_networks(s: SACState, ckpt: dict) -> SACState:
-    """s with a checkpoint's weights and temperature (--checkpoint); the optimizer states start afresh."""
-    return s.replace(actor=s.actor.replace(params=ckpt["actor_params"]),
-                     critic=s.critic.replace(params=ckpt["critic_params"]),
-                     target_params=jax.tree_util.tree_map(jnp.array, ckpt["target_params"]),
-                     temp=s.temp.replace(params={"log_alpha": jnp.asarray(ckpt["log_alpha"])}))
+def with_networks(s: SACState, nets: dict) -> SACState:
+    """The inverse of networks(): s with a checkpoint's weights and temperature (--checkpoint); the optimizer states
+    start afresh."""
+    return s.replace(actor=s.actor.replace(params=nets["actor_params"]),
+                     critic=s.critic.replace(params=nets["critic_params"]),
+                     target_params=jax.tree_util.tree_map(jnp.array, nets["target_params"]),
+                     temp=s.temp.replace(params={"log_alpha": jnp.asarray(nets["log_alpha"])}))
 
 
 def checkpoint_meta(args: Args, obs_dim: int, act_dim: int) -> dict:
-    """What a checkpoint says of itself besides the networks (bookkeeping.save_checkpoint)."""
+    """What a checkpoint says of itself besides the networks (run_files.save_checkpoint)."""
     return {"algorithm": ALGORITHM, "script": SCRIPT, "env_id": args.env_id, "obs_mode": args.obs_mode,
             "control_mode": args.control_mode, "sim_config": vector_env.sim_config(args.sim_config),
             "obs_dim": obs_dim, "act_dim": act_dim,
@@ -526,7 +529,7 @@ def load_actor(ckpt: dict):
     """A checkpoint's policy with this file's Actor: (deterministic(obs), sample(obs, key)), both jitted. --evaluate,
     collect_demos.py and benchmarks/frontier.py call it on the script that wrote the checkpoint."""
     actor = Actor(int(ckpt["act_dim"]), tuple(int(h) for h in ckpt["hidden_dims"]))
-    params = ckpt["actor_params"]
+    params = ckpt["networks"]["actor_params"]
     return (jax.jit(partial(deterministic_action, actor, params)),
             jax.jit(lambda obs, key: sample_action(actor, params, obs, key)[0]))
 
@@ -739,7 +742,7 @@ def switch_to_stage2(state: SACState, online: ReplayBuffer, reverse: ReverseCurr
       has put --num-seed-steps transitions into the new online buffer (the loop's update gate), so its half of
       each minibatch is not a few hundred transitions drawn over and over.
     """
-    bookkeeping.save_checkpoint(run_dir / "checkpoints" / "stage1.ckpt", checkpoint_meta(args, obs_dim, act_dim),
+    run_files.save_checkpoint(run_dir / "checkpoints" / "stage1.ckpt", checkpoint_meta(args, obs_dim, act_dim),
                                 networks(state), global_step, {"stage": 1, **reverse.state_dict()})
     writer.add_scalar("curriculum/stage1_end_step", global_step, global_step)
     tqdm.write(f"stage 1 done at {global_step} env steps: all but {int((~reverse.solved).sum())} demos "
@@ -748,7 +751,7 @@ def switch_to_stage2(state: SACState, online: ReplayBuffer, reverse: ReverseCurr
 
 
 def resume_state(state: SACState, key, rng, reverse: ReverseCurriculum, forward: ForwardCurriculum,
-                 online: ReplayBuffer, offline: ReplayBuffer, loop: dict, run: bookkeeping.RunLog) -> dict:
+                 online: ReplayBuffer, offline: ReplayBuffer, loop: dict, run: run_log.RunLog) -> dict:
     """What --resume restores: the learner with its optimizer states, the JAX key, the numpy generator (random
     actions, curriculum draws), both curricula, both buffers (filled part), the loop counters and the schedule.
     Saved only at save points, after which every env starts a new episode (also in a run that goes on): the
@@ -775,20 +778,20 @@ def main(args: Args) -> None:
     # nothing is built or written before the flags, the --checkpoint and the --resume state are checked
     check_args(args)
     physics = vector_env.sim_config(args.sim_config)
-    ckpt = bookkeeping.load_run_checkpoint(
+    ckpt = run_files.load_run_checkpoint(
         args.checkpoint, args.env_id, args.obs_mode, args.control_mode, physics, SCRIPT,
         None if args.evaluate else lambda o, a: networks(init_sac(args, o, a, jax.random.PRNGKey(0))[2]),
     ) if args.checkpoint else None
     if args.evaluate:  # with the networks of the script that wrote the checkpoint
-        return bookkeeping.evaluate_checkpoint(
-            ckpt, args.checkpoint, bookkeeping.new_run_dir(args.exp_name), lambda: vector_env.make_envs(
+        return run_files.evaluate_checkpoint(
+            ckpt, args.checkpoint, run_files.new_run_dir(args.exp_name), lambda: vector_env.make_envs(
                 args.env_id, args.num_eval_envs, args.sim_backend, args.obs_mode, args.control_mode,
                 args.render_size if args.capture_video else None, physics),
             dataclasses.asdict(args), args.max_episode_steps, args.num_eval_episodes, args.capture_video)
-    run_dir = Path(args.resume) if args.resume else bookkeeping.new_run_dir(args.exp_name)
+    run_dir = Path(args.resume) if args.resume else run_files.new_run_dir(args.exp_name)
     if args.resume:  # one writer per run directory
-        bookkeeping.lock_run_dir(run_dir)
-    header, resumed, fork = bookkeeping.load_start_state(run_dir, args.resume, args.fork, ALGORITHM, SCRIPT,
+        run_files.lock_run_dir(run_dir)
+    header, resumed, fork = run_files.load_start_state(run_dir, args.resume, args.fork, ALGORITHM, SCRIPT,
                                                          args.total_timesteps, dataclasses.asdict(args))
     rng = np.random.default_rng(args.seed)
     key = jax.random.PRNGKey(args.seed)
@@ -798,7 +801,7 @@ def main(args: Args) -> None:
     if ckpt is not None and (int(ckpt["obs_dim"]), int(ckpt["act_dim"])) != (obs_dim, act_dim):
         common.fail(f"{args.checkpoint} has obs/act dims {ckpt['obs_dim']}/{ckpt['act_dim']}; {args.env_id} has "
                     f"{obs_dim}/{act_dim}")
-    demos, path, demo_record = bookkeeping.load_run_demos(header, args.env_id, args.obs_mode, args.control_mode,
+    demos, path, demo_record = run_files.load_run_demos(header, args.env_id, args.obs_mode, args.control_mode,
                                                           args.num_demos, args.dataset_path, physics, (obs_dim, act_dim),
                                                           env_states=True)
     envs = vector_env.make_envs(args.env_id, args.num_envs, args.sim_backend, args.obs_mode, args.control_mode,
@@ -808,7 +811,7 @@ def main(args: Args) -> None:
     key, k_init = jax.random.split(key)
     actor, critic, state = init_sac(args, obs_dim, act_dim, k_init)
     if ckpt is not None:
-        state = with_networks(state, ckpt)
+        state = with_networks(state, ckpt["networks"])
     _, _, update_many = make_update(args, actor, critic, act_dim)
     policy_train = jax.jit(partial(training_action, actor))
     policy_det = jax.jit(partial(deterministic_action, actor))
@@ -833,22 +836,22 @@ def main(args: Args) -> None:
               f"{stage}, online buffer {online.size}, offline buffer "
               f"{offline.size})", flush=True)
     stop_signals.exit_if_signalled()
-    bookkeeping.make_run_dir(run_dir, dataclasses.asdict(args), resuming=bool(args.resume), state_bytes=bookkeeping.
+    run_files.make_run_dir(run_dir, dataclasses.asdict(args), resuming=bool(args.resume), state_bytes=run_files.
                              resume_state_bytes(state, min(args.total_timesteps, args.buffer_size), obs_dim, act_dim))
     print(f"run directory: {run_dir}", flush=True)
     print(f"{demos.num_trajectories} demos from {path} (lengths {demos.lengths.tolist()})", flush=True)
-    writer = bookkeeping.open_writer(run_dir, dataclasses.asdict(args), args.wandb_project_name if args.track else None,
+    writer = run_log.open_writer(run_dir, dataclasses.asdict(args), args.wandb_project_name if args.track else None,
                                      resume_step=global_step if args.resume else None)
-    run = bookkeeping.RunLog(run_dir, writer, args.total_timesteps, args.log_freq, args.eval_freq, args.save_freq,
+    run = run_log.RunLog(run_dir, writer, args.total_timesteps, args.log_freq, args.eval_freq, args.save_freq,
                              args.max_episode_steps, args.num_eval_episodes, args.capture_video, args.target_success,
                              args.target_evals)
-    stop = bookkeeping.StopRequest()
+    stop = stop_signals.StopRequest()
     if resumed:
         run.load_state_dict(resumed["run"], global_step)
         del resumed
 
     def save_checkpoint(name: str) -> None:
-        bookkeeping.save_checkpoint(run_dir / "checkpoints" / name, checkpoint_meta(args, obs_dim, act_dim),
+        run_files.save_checkpoint(run_dir / "checkpoints" / name, checkpoint_meta(args, obs_dim, act_dim),
                                     networks(state), global_step, {"stage": stage, "stage1_end_step": stage1_end_step,
                                                                    **reverse.state_dict()})
 
@@ -943,12 +946,12 @@ def main(args: Args) -> None:
             loop = {"global_step": global_step, "stage": stage, "stage1_end_step": stage1_end_step,
                     "grad_updates": grad_updates}
             with run.timed("save"):
-                bookkeeping.save_resume_state(run_dir / bookkeeping.RESUME_FILE, ALGORITHM, SCRIPT,
-                                              dataclasses.asdict(args), global_step, stage,
+                run_files.save_resume_state(run_dir / common.RESUME_FILE, ALGORITHM, SCRIPT,
+                                              dataclasses.asdict(args), global_step,
                                               resume_state(state, key, rng, reverse, forward, online, offline, loop,
                                                            run), demos=demo_record, fork=fork)
                 if switched:  # kept as written: a later run can start from stage 2's first step (--fork)
-                    bookkeeping.copy_atomic(run_dir / bookkeeping.RESUME_FILE, run_dir / SWITCH_STATE)
+                    common.copy_atomic(run_dir / common.RESUME_FILE, run_dir / SWITCH_STATE)
             if not done:  # as after a resume
                 obs = start_episodes(np.ones(n, bool), eps, envs, stage, reverse, forward, demos, args)
     run.finish(global_step, stop if stopping else None, stage=stage, stage1_end_step=stage1_end_step,

@@ -4,7 +4,7 @@ Each entry script (rfcl.py, rlpd.py, collect_demos.py, benchmarks/frontier.py, a
 module before anything else. Its imports that follow take seconds (JAX, torch, ManiSkill), and there Python's own
 Ctrl-C prints a traceback from deep inside one of them, or is lost: trimesh catches BaseException around an import,
 JAX's gc callback drops what is raised in it, and the run goes on to train. From here until a loop takes the signals
-over (bookkeeping.StopRequest, which saves first), each of SIGNALS prints one line, "stopped by SIGINT", ends the env
+over (StopRequest, below, which saves first), each of SIGNALS prints one line, "stopped by SIGINT", ends the env
 workers and exits (128 + the signal's number: 130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP, which a closed terminal
 or a dropped ssh session sends); nothing has been written by then. An exit that is still dropped happens
 at the script's next exit_if_signalled. Imported by a test or a notebook, this module changes no handler.
@@ -19,6 +19,9 @@ from multiprocessing import resource_tracker
 import signal
 import sys
 import threading
+import warnings
+
+from tqdm import tqdm
 
 # the stop signals: Ctrl-C, kill / Slurm's warning, and a closed terminal or dropped ssh session
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -97,6 +100,43 @@ def _importer() -> str:
     while frame is not None and frame.f_code.co_filename.startswith("<frozen importlib"):
         frame = frame.f_back
     return frame.f_globals.get("__name__", "") if frame is not None else ""
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT), a plain kill / Slurm's warning (SIGTERM) or a closed terminal (SIGHUP) ends a run at the next
+    iteration boundary, after it has saved, instead of killing it mid-update. An impatient second signal changes
+    nothing (the save goes on: it is what keeps the work); a third stops at once, saying what is lost (`lost`), with
+    the env workers ended first and any half-written file removed (write_atomic)."""
+
+    def __init__(self, lost: str = "this save point's resume state is not written; --resume continues from the "
+                                   "previous save point, whose files are intact"):
+        self.name, self.exit_code, self.count, self.lost = None, 0, 0, lost
+        self.previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame):
+        self.count += 1
+        name = signal.Signals(signum).name
+        if self.name is None:
+            quiet_if_terminal_gone(signum)
+            self.name, self.exit_code = name, 128 + signum
+            tqdm.write(f"{name}: saving and stopping after this iteration (a third signal stops at once, unsaved)",
+                       file=sys.stderr)
+        elif self.count == 2:
+            tqdm.write(f"{name} again: still saving, which keeps the work; once more stops at once, without the save",
+                       file=sys.stderr)
+        else:
+            for worker in multiprocessing.active_children():
+                worker.kill()
+            tqdm.write(f"stopped at once by a third signal ({name}): {self.lost}", file=sys.stderr)
+            warnings.simplefilter("ignore")  # gymnasium's warnings as the abandoned envs are collected at exit
+            raise SystemExit(self.exit_code)
+
+    def __bool__(self) -> bool:
+        return self.name is not None
 
 
 _IMPORTER = _importer()

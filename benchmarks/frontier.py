@@ -98,19 +98,19 @@ def probe(a: Args) -> dict:
     import jax
     import jax.numpy as jnp
 
-    import bookkeeping
-    import common
+    import demo_making
+    import run_files
     import vector_env
 
     stop_signals.exit_if_signalled()  # a Ctrl-C during these imports whose exit a library dropped
-    ckpt = bookkeeping.load_checkpoint(a.checkpoint)
-    script = bookkeeping.checkpoint_script(ckpt, a.checkpoint, a.script)
+    ckpt = run_files.load_checkpoint(a.checkpoint)
+    script = run_files.checkpoint_script(ckpt, a.checkpoint, a.script)
     targs = script.Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(ckpt["args"]).items()})
     limit = targs.max_episode_steps or vector_env.registered_horizon(targs.env_id)
-    physics = bookkeeping.checkpoint_sim_config(ckpt)  # the probe simulates as training did
+    physics = run_files.checkpoint_sim_config(ckpt)  # the probe simulates as training did
     demos = path = reverse = None
     if not a.initial_states:
-        demos, path = common.get_and_load_demos(targs.env_id, targs.obs_mode, targs.control_mode,
+        demos, path = demo_making.get_and_load_demos(targs.env_id, targs.obs_mode, targs.control_mode,
                                                 a.num_demos or targs.num_demos, a.dataset_path or targs.dataset_path,
                                                 True, physics)
         # the time limit of training itself (an RFCL script: stage 1's; rlpd.py: every episode has the task's
@@ -238,11 +238,11 @@ def main(a: Args) -> dict:
     md = table(result, a.stochastic > 0 and not a.demo_actions)
     print(md)
     if a.out:
-        import bookkeeping
+        import common
 
         out = Path(a.out)
-        bookkeeping.write_atomic(out.with_suffix(".json"), json.dumps(result, indent=2).encode())
-        bookkeeping.write_atomic(out.with_suffix(".md"), md.encode())
+        common.write_atomic(out.with_suffix(".json"), json.dumps(result, indent=2).encode())
+        common.write_atomic(out.with_suffix(".md"), md.encode())
     return result
 
 

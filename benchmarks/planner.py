@@ -31,7 +31,6 @@ import tyro
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import bookkeeping  # noqa: E402
 import common  # noqa: E402
 import demo_making  # noqa: E402
 import vector_env  # noqa: E402
@@ -96,11 +95,11 @@ def plan_seeds(args: Args) -> None:
         r.pop("lengths")
         r["physics"] = args.sim_config or "default"
         rows[f"{env_id} {r['physics']} {args.seeds}"] = r
-        bookkeeping.write_json(path, rows)
+        common.write_json(path, rows)
         md = (f"# ManiSkill motion planners under other physics\n\n`python benchmarks/planner.py --seeds N "
               f"--sim-config ...` on a {os.cpu_count()}-core CPU: seeds 0..N-1, one attempt each; physics `ms2` is "
               f"{json.dumps(vector_env.SIM_CONFIGS['ms2'])}.\n\n{seeds_table(rows)}\n")
-        bookkeeping.write_atomic(out / "planner_seeds.md", md.encode())
+        common.write_atomic(out / "planner_seeds.md", md.encode())
         print(seeds_table({env_id: r}), flush=True)
 
 
@@ -124,11 +123,11 @@ def main(args: Args) -> None:
                      "error": str(e)}
         stats["wall_s"], stats["asked"] = time.time() - t0, args.num_demos
         rows[env_id] = stats
-        bookkeeping.write_json(path, rows)
+        common.write_json(path, rows)
         md = (f"# ManiSkill motion planners as demo sources\n\n`python benchmarks/planner.py` on a "
               f"{os.cpu_count()}-core CPU ({args.control_mode}, {args.obs_mode}); the planner makes 10% more demos than "
               f"asked (at least 2 more); seconds include failed attempts.\n\n{table(rows)}\n")
-        bookkeeping.write_atomic(out / "planner.md", md.encode())
+        common.write_atomic(out / "planner.md", md.encode())
         print(table({env_id: stats}), flush=True)
 
 

@@ -24,8 +24,10 @@ import tyro
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import bookkeeping  # noqa: E402
+import common  # noqa: E402
 import rfcl  # noqa: E402
+import run_files  # noqa: E402
+import run_log  # noqa: E402
 
 
 @dataclass
@@ -62,20 +64,20 @@ def main(a: Args) -> dict:
     reverse = rfcl.ReverseCurriculum(np.full(5, 70), 4, 3, 3.0, 0.9, rng)
     forward = rfcl.ForwardCurriculum(np.arange(1000), 0.1, 0.1, 5, rng)
     with tempfile.TemporaryDirectory(dir=a.dir or ROOT) as tmp:
-        run = bookkeeping.RunLog(Path(tmp), bookkeeping.SummaryWriter(tmp), 2_000_000, 1000, 10_000, 100_000, 50, 50, False,
+        run = run_log.RunLog(Path(tmp), run_log.SummaryWriter(tmp), 2_000_000, 1000, 10_000, 100_000, 50, 50, False,
                                    None, 3)
         loop = {"global_step": 1_150_000, "stage": 2, "stage1_end_step": 150_000, "grad_updates": 0}
-        path = Path(tmp) / bookkeeping.RESUME_FILE
+        path = Path(tmp) / common.RESUME_FILE
         t0 = time.time()
         payload = rfcl.resume_state(state, jax.random.PRNGKey(1), rng, reverse, forward, online, offline, loop, run)
         t_snapshot = time.time() - t0
         t0 = time.time()
-        bookkeeping.save_resume_state(path, "rfcl", rfcl.SCRIPT, dataclasses.asdict(args), 1_150_000, 2, payload)
+        run_files.save_resume_state(path, "rfcl", rfcl.SCRIPT, dataclasses.asdict(args), 1_150_000, payload)
         t_write = time.time() - t0
         size = path.stat().st_size
         del payload
         t0 = time.time()
-        _, saved = bookkeeping.load_resume_state(path, "rfcl")
+        _, saved = run_files.load_resume_state(path, "rfcl")
         t_read = time.time() - t0
         t0 = time.time()
         s2, _, on2, off2, _ = rfcl.restore(saved, state, np.random.default_rng(), reverse, forward)
@@ -92,8 +94,8 @@ def main(a: Args) -> dict:
           f"| {a.online:,} | {a.offline:,} | {a.num_qs} | {size / 2**20:.0f} MiB | {t_snapshot:.1f} s | {t_write:.1f} s | "
           f"{t_read:.1f} s | {t_restore:.1f} s |\n")
     out = Path(a.out)
-    bookkeeping.write_json(out / "resume_state.json", res)
-    bookkeeping.write_atomic(out / "resume_state.md", md.encode())
+    common.write_json(out / "resume_state.json", res)
+    common.write_atomic(out / "resume_state.md", md.encode())
     print(md)
     return res
 

@@ -41,9 +41,9 @@ def asset_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_path(asset_dir):
     """3 PickCube demos generated offline by ManiSkill's motion planner (real simulator)."""
-    import common
+    import demo_making
 
-    return common.get_demos(ENV_ID, OBS_MODE, CONTROL_MODE, 3)
+    return demo_making.get_demos(ENV_ID, OBS_MODE, CONTROL_MODE, 3)
 
 
 def run_script(args, cwd, timeout=600, check=True):

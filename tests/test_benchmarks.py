@@ -174,15 +174,15 @@ def test_frontier_probe_replaying_a_demo_succeeds_exactly_where_the_demo_does(de
     succeed after s* - t + 1 steps (s* = the demo's first successful step), when the time limit allows it."""
     import jax
 
-    import bookkeeping
     import common
     import frontier
     import rfcl
+    import run_files
 
     args = rfcl.Args(num_demos=1)
     _, _, state = rfcl.init_sac(args, 42, 8, jax.random.PRNGKey(0))
     ckpt = tmp_path / "fresh.ckpt"
-    bookkeeping.save_checkpoint(ckpt, rfcl.checkpoint_meta(args, 42, 8), rfcl.networks(state), 0)
+    run_files.save_checkpoint(ckpt, rfcl.checkpoint_meta(args, 42, 8), rfcl.networks(state), 0)
     out = frontier.main(frontier.Args(str(ckpt), dataset_path=str(demo_path), every=3, demo_actions=True,
                                       out=str(tmp_path / "probe")))
     demos = common.load_demos(demo_path, 1)
@@ -203,15 +203,15 @@ def test_frontier_probe_gives_an_rlpd_checkpoint_the_runs_episode_horizon(demo_p
     the demo's own actions from t succeed exactly when the s* - t + 1 steps they need fit in it."""
     import jax
 
-    import bookkeeping
     import common
     import frontier
     import rlpd
+    import run_files
 
     args = rlpd.Args(num_demos=1, max_episode_steps=7)
     _, _, state = rlpd.init_sac(args, 42, 8, jax.random.PRNGKey(0))
     ckpt = tmp_path / "fresh.ckpt"
-    bookkeeping.save_checkpoint(ckpt, rlpd.checkpoint_meta(args, 42, 8), rlpd.networks(state), 0)
+    run_files.save_checkpoint(ckpt, rlpd.checkpoint_meta(args, 42, 8), rlpd.networks(state), 0)
     out = frontier.main(frontier.Args(str(ckpt), dataset_path=str(demo_path), every=2, demo_actions=True))
     demos = common.load_demos(demo_path, 1)
     s_star = int(np.flatnonzero(demos.rewards[: demos.lengths[0]])[0])
@@ -229,14 +229,14 @@ def test_frontier_probe_of_initial_states_uses_eval_seeds_and_horizon_without_de
     needs demo states, is refused with one line."""
     import jax
 
-    import bookkeeping
     import frontier
     import rlpd
+    import run_files
 
     args = rlpd.Args(num_demos=1, max_episode_steps=4, dataset_path=str(tmp_path / "gone.h5"))
     _, _, state = rlpd.init_sac(args, 42, 8, jax.random.PRNGKey(0))
     ckpt = tmp_path / "fresh.ckpt"
-    bookkeeping.save_checkpoint(ckpt, rlpd.checkpoint_meta(args, 42, 8), rlpd.networks(state), 0)
+    run_files.save_checkpoint(ckpt, rlpd.checkpoint_meta(args, 42, 8), rlpd.networks(state), 0)
     out = frontier.main(frontier.Args(str(ckpt), initial_states=3, stochastic=1, out=str(tmp_path / "init")))
     assert [r["seed"] for r in out["rows"]] == [10**6, 10**6 + 1, 10**6 + 2]
     assert all(r["horizon"] == 4 for r in out["rows"]) and out["dataset"] is None
@@ -260,22 +260,23 @@ def test_frontier_probe_reports_the_dense_reward_stages(asset_dir, tmp_path, env
     eval seed's initial state."""
     import jax
 
-    import bookkeeping
     import common
+    import demo_making
     import frontier
     import rlpd
+    import run_files
 
-    path = common.get_demos(env_id, "state", "pd_joint_delta_pos", 1)
+    path = demo_making.get_demos(env_id, "state", "pd_joint_delta_pos", 1)
     args = rlpd.Args(env_id=env_id, num_demos=1, max_episode_steps=400, dataset_path=str(path))
     demos = common.load_demos(path, 1)
     dims = (demos.obs.shape[1], demos.actions.shape[1])
     _, _, state = rlpd.init_sac(args, *dims, jax.random.PRNGKey(0))
     ckpt = tmp_path / "fresh.ckpt"
-    bookkeeping.save_checkpoint(ckpt, rlpd.checkpoint_meta(args, *dims), rlpd.networks(state), 0)
+    run_files.save_checkpoint(ckpt, rlpd.checkpoint_meta(args, *dims), rlpd.networks(state), 0)
     (row,) = frontier.main(frontier.Args(str(ckpt), every=10_000, demo_actions=True))["rows"]
     assert row["once"] and row["flags"] == dict.fromkeys(flags, True), row
     args.max_episode_steps = 4
-    bookkeeping.save_checkpoint(ckpt, rlpd.checkpoint_meta(args, *dims), rlpd.networks(state), 0)
+    run_files.save_checkpoint(ckpt, rlpd.checkpoint_meta(args, *dims), rlpd.networks(state), 0)
     out = frontier.main(frontier.Args(str(ckpt), initial_states=1, out=str(tmp_path / "probe")))
     assert out["rows"][0]["flags"] == dict.fromkeys(flags, False)
     assert flags[1] in (tmp_path / "probe.md").read_text()
@@ -285,13 +286,13 @@ def test_ctrl_c_stops_the_frontier_probe_at_once_with_one_line(demo_path, tmp_pa
     """Mid-probe, Ctrl-C to the process group (as a terminal sends it): one line, exit 130, no --out half written."""
     import jax
 
-    import bookkeeping
     import rfcl
+    import run_files
 
     args = rfcl.Args(num_demos=1)
     _, _, state = rfcl.init_sac(args, 42, 8, jax.random.PRNGKey(0))
     ckpt = tmp_path / "fresh.ckpt"
-    bookkeeping.save_checkpoint(ckpt, rfcl.checkpoint_meta(args, 42, 8), rfcl.networks(state), 0)
+    run_files.save_checkpoint(ckpt, rfcl.checkpoint_meta(args, 42, 8), rfcl.networks(state), 0)
     code, lines = interrupted([str(ROOT / "benchmarks" / "frontier.py"), str(ckpt), "--dataset-path", str(demo_path),
                                "--every", "1", "--stochastic", "3", "--out", str(tmp_path / "probe")], tmp_path,
                               signal.SIGINT, once="'start': 1}", within=20)

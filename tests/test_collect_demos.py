@@ -11,9 +11,9 @@ import jax
 import numpy as np
 import pytest
 
-import bookkeeping
 import common
 import rfcl
+import run_files
 from conftest import ROOT, error_line, interrupted, run_script
 
 
@@ -24,7 +24,7 @@ def checkpoint(tmp_path_factory):
     args = rfcl.Args(max_episode_steps=12)
     _, _, state = rfcl.init_sac(args, 42, 8, jax.random.PRNGKey(0))
     path = d / "fresh.ckpt"
-    bookkeeping.save_checkpoint(path, rfcl.checkpoint_meta(args, 42, 8), rfcl.networks(state), 0)
+    run_files.save_checkpoint(path, rfcl.checkpoint_meta(args, 42, 8), rfcl.networks(state), 0)
     return path
 
 

@@ -14,9 +14,9 @@ import h5py
 import numpy as np
 import pytest
 
-import bookkeeping
 import common
 import demo_making
+import run_log
 import vector_env
 from conftest import CONTROL_MODE, ENV_ID, OBS_MODE, PICKCUBE_ACT_DIM, PICKCUBE_OBS_DIM, ROOT
 
@@ -82,7 +82,7 @@ def common_index(tree, t):
 def test_second_request_uses_the_cache(demo_path):
     before = sorted(p.name for p in demo_path.parent.iterdir())
     t0 = time.time()
-    again = common.get_demos(ENV_ID, OBS_MODE, CONTROL_MODE, 2)
+    again = demo_making.get_demos(ENV_ID, OBS_MODE, CONTROL_MODE, 2)
     assert again == demo_path and time.time() - t0 < 2.0
     assert sorted(p.name for p in demo_path.parent.iterdir()) == before
     assert common.find_demo_file(ENV_ID, OBS_MODE, CONTROL_MODE, 10**6) is None
@@ -255,8 +255,8 @@ def test_track_starts_wandb_before_the_tensorboard_writer(tmp_path, monkeypatch)
         def add_text(self, *a):
             pass
 
-    monkeypatch.setattr(bookkeeping, "SummaryWriter", Writer)
-    bookkeeping.open_writer(tmp_path, {"exp_name": "x"}, "rfcl-jax")
+    monkeypatch.setattr(run_log, "SummaryWriter", Writer)
+    run_log.open_writer(tmp_path, {"exp_name": "x"}, "rfcl-jax")
     assert order == [("wandb.init", True), ("SummaryWriter", str(tmp_path))]
 
 

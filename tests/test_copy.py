@@ -9,10 +9,10 @@ import sys
 import numpy as np
 import pytest
 
-import bookkeeping
 import collect_demos
 import common
 import rfcl
+import run_files
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -67,8 +67,8 @@ def test_a_renamed_and_edited_copy_works_with_every_tool(original, name, algorit
     copy.main(copy.parse_args([*TINY, "--exp-name", "v", "--total-timesteps", "32"]))
     traced_by("training")
     run = tmp_path / "runs" / "v"
-    ckpt = bookkeeping.load_checkpoint(str(run / "checkpoints" / "final.ckpt"))
-    assert (ckpt["algorithm"], ckpt["script"]) == (algorithm, str(path.resolve())) and set(ckpt["actor_params"]) == edited
+    ckpt = run_files.load_checkpoint(str(run / "checkpoints" / "final.ckpt"))
+    assert (ckpt["algorithm"], ckpt["script"]) == (algorithm, str(path.resolve())) and set(ckpt["networks"]["actor_params"]) == edited
     copy.main(copy.parse_args(["--resume", str(run), "--total-timesteps", "64"]))
     traced_by("--resume")
     assert json.loads((run / "summary.json").read_text())["global_step"] == 64
@@ -86,7 +86,7 @@ def test_a_renamed_and_edited_copy_works_with_every_tool(original, name, algorit
     traced_by("collect_demos.py")
     (h5,) = (tmp_path / "demos").glob("*.h5")
     demos = common.load_demos(h5, 1)
-    act = copy.load_actor(bookkeeping.load_checkpoint(final))[0]
+    act = copy.load_actor(run_files.load_checkpoint(final))[0]
     np.testing.assert_allclose(demos.actions, np.asarray(act(demos.obs)), atol=1e-5)
     traces.unlink()
 
@@ -114,9 +114,84 @@ def test_a_checkpoint_whose_script_is_gone_names_the_flag_that_points_at_it(tmp_
     _, _, state = copy.init_sac(args, 42, 8, jax.random.PRNGKey(0))
     ckpt = tmp_path / "c.ckpt"
     meta = {**copy.checkpoint_meta(args, 42, 8), "script": "/elsewhere/rfcl_gone.py"}
-    bookkeeping.save_checkpoint(ckpt, meta, copy.networks(state), 0)
+    run_files.save_checkpoint(ckpt, meta, copy.networks(state), 0)
     with pytest.raises(SystemExit, match=r"written by /elsewhere/rfcl_gone.py, which is not here .* pass --script PATH"):
         collect_demos.main(collect_demos.Args(checkpoint=str(ckpt), output_dir=str(tmp_path / "d")))
     monkeypatch.setenv("EDITED_ACTOR_TRACES", str(tmp_path / "traces"))
-    loaded = bookkeeping.checkpoint_script(bookkeeping.load_checkpoint(str(ckpt)), str(ckpt), str(path))
+    loaded = run_files.checkpoint_script(run_files.load_checkpoint(str(ckpt)), str(ckpt), str(path))
     assert loaded is copy
+
+
+# the edit of a copy that adds a network: a second actor head with its own parameters in the learner's state, stored
+# by networks() and read back by with_networks(); the copy's tools (load_actor) act with the added head
+ADD_NETWORK = [
+    ('    temp: TrainState  # params = {"log_alpha": scalar}\n',
+     '    temp: TrainState  # params = {"log_alpha": scalar}\n    aux: TrainState  # the added network\n'),
+    ('        temp=TrainState.create(apply_fn=None, params={"log_alpha": jnp.log(args.init_temperature)}, tx=tx()),\n',
+     '        temp=TrainState.create(apply_fn=None, params={"log_alpha": jnp.log(args.init_temperature)}, tx=tx()),\n'
+     '        aux=TrainState.create(apply_fn=None, params=actor.init(jax.random.fold_in(k_a, 1), obs)["params"], '
+     'tx=tx()),\n'),
+    ('"log_alpha": s.temp.params["log_alpha"]}', '"log_alpha": s.temp.params["log_alpha"], "aux_params": s.aux.params}'),
+    ('temp=s.temp.replace(params={"log_alpha": jnp.asarray(nets["log_alpha"])}))',
+     'temp=s.temp.replace(params={"log_alpha": jnp.asarray(nets["log_alpha"])}), aux=s.aux.replace(params=nets["aux_params"]))'),
+    ('    params = ckpt["networks"]["actor_params"]\n', '    params = ckpt["networks"]["aux_params"]\n'),
+]
+
+
+def test_a_copy_that_adds_a_network_keeps_it_in_every_checkpoint_and_tool(demo_path, tmp_path, monkeypatch):
+    """The shared code stores whatever networks() returns: the added head is in every .ckpt, a run started from one
+    (--checkpoint) loads it, --evaluate and collect_demos.py act with it, and a checkpoint without it is one line."""
+    import jax
+
+    monkeypatch.chdir(tmp_path)
+    src = (ROOT / "rfcl.py").read_text()
+    for old, new in ADD_NETWORK:
+        assert src.count(old) == 1, f"rfcl.py no longer has the text this edit changes: {old}"
+        src = src.replace(old, new)
+    path = tmp_path / "rfcl_aux.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location("rfcl_aux", path)
+    copy = importlib.util.module_from_spec(spec)
+    sys.modules["rfcl_aux"] = copy
+    spec.loader.exec_module(copy)
+    flags = [*TINY, "--dataset-path", str(demo_path), "--total-timesteps", "32"]
+
+    copy.main(copy.parse_args([*flags, "--exp-name", "a"]))
+    final = str(tmp_path / "runs" / "a" / "checkpoints" / "final.ckpt")
+    nets = run_files.load_checkpoint(final)["networks"]
+    payload = run_files.load_resume_state(tmp_path / "runs" / "a" / common.RESUME_FILE, "rfcl")[1]
+    saved = payload["sac"]["aux"]["params"]
+    assert set(nets) == {"actor_params", "critic_params", "target_params", "log_alpha", "aux_params"}
+    leaves = lambda t: jax.tree_util.tree_leaves(t)  # noqa: E731
+    assert all(np.array_equal(a, b) for a, b in zip(leaves(nets["aux_params"]), leaves(saved)))
+
+    # --checkpoint with another seed: the new run holds the loaded head, not its own fresh one
+    copy.main(copy.parse_args([*flags, "--exp-name", "b", "--seed", "7", "--checkpoint", final]))
+    again = run_files.load_checkpoint(str(tmp_path / "runs" / "b" / "checkpoints" / "final.ckpt"))["networks"]
+    assert all(np.array_equal(a, b) for a, b in zip(leaves(again["aux_params"]), leaves(nets["aux_params"])))
+    obs_dim = nets["actor_params"]["Dense_0"]["kernel"].shape[0]
+    fresh = copy.networks(copy.init_sac(copy.Args(hidden_dims=(16, 16)), obs_dim, 8, jax.random.PRNGKey(7))[2])
+    kernel = lambda n: n["aux_params"]["Dense_0"]["kernel"]  # noqa: E731
+    assert kernel(fresh).shape == kernel(nets).shape and not np.array_equal(kernel(fresh), kernel(nets))
+
+    # --evaluate and collect_demos.py act with the added head (the copy's load_actor), not the first one
+    copy.main(copy.parse_args(["--evaluate", "--checkpoint", final, "--exp-name", "e", "--num-eval-envs", "1",
+                               "--num-eval-episodes", "1", "--max-episode-steps", "4", "--no-capture-video"]))
+    assert json.loads((tmp_path / "runs" / "e" / "eval.json").read_text())["eval/episodes"] == 1
+    collect_demos.main(collect_demos.Args(checkpoint=final, num_envs=1, num_episodes=1, only_successful=False,
+                                          max_episode_steps=4, output_dir=str(tmp_path / "demos")))
+    (h5,) = (tmp_path / "demos").glob("*.h5")
+    demos = common.load_demos(h5, 1)
+    actor = copy.Actor(8, (16, 16))
+    np.testing.assert_allclose(demos.actions, np.asarray(copy.deterministic_action(actor, nets["aux_params"],
+                                                                                   demos.obs)), atol=1e-5)
+    assert not np.allclose(demos.actions, np.asarray(copy.deterministic_action(actor, nets["actor_params"],
+                                                                                demos.obs)), atol=1e-3)
+
+    # a checkpoint of the unedited script lacks the head: one line naming it
+    args = rfcl.Args(hidden_dims=(16, 16))
+    plain = tmp_path / "plain.ckpt"
+    run_files.save_checkpoint(plain, rfcl.checkpoint_meta(args, obs_dim, 8),
+                              rfcl.networks(rfcl.init_sac(args, obs_dim, 8, jax.random.PRNGKey(0))[2]), 0)
+    with pytest.raises(SystemExit, match=r"\['aux_params'\].*absent in the checkpoint"):
+        copy.main(copy.parse_args([*flags, "--exp-name", "c", "--checkpoint", str(plain)]))

@@ -8,9 +8,10 @@ import h5py
 import numpy as np
 import pytest
 
-import bookkeeping
 import rfcl
 import rlpd
+import common
+import run_files
 import vector_env
 
 ENVS, PER_ENV, SCALE = 2, 3, 1.7
@@ -74,7 +75,7 @@ def spied_run(script, tmp_path, monkeypatch, *flags) -> tuple[TransitionSpy, dic
         "32", *flags])
     script.main(args)
     monkeypatch.undo()
-    _, payload = bookkeeping.load_resume_state(tmp_path / "runs" / "data" / bookkeeping.RESUME_FILE,
+    _, payload = run_files.load_resume_state(tmp_path / "runs" / "data" / common.RESUME_FILE,
                                               script.ALGORITHM)
     return spies[0], payload, json.loads((tmp_path / "runs" / "data" / "args.json").read_text())
 

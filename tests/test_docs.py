@@ -147,8 +147,8 @@ def test_every_logged_tag_is_documented():
     def logged(path):
         return set(re.findall(r'"((?:charts|losses|eval|curriculum|time)/[a-z0-9_]+)"', (ROOT / path).read_text()))
 
-    # SPS, time split, training episodes (bookkeeping.RunLog) and eval (common.evaluate), the same for both scripts
-    shared = logged("bookkeeping.py") | logged("common.py")
+    # SPS, time split, training episodes (run_log.RunLog) and eval (common.evaluate), the same for both scripts
+    shared = logged("run_log.py") | logged("common.py")
     assert len(shared) >= 10, sorted(shared)
     for script, doc in (("rfcl.py", "docs/rfcl.md"), ("rlpd.py", "docs/rlpd.md")):
         tags = logged(script) | shared

@@ -20,12 +20,13 @@ import h5py
 import numpy as np
 import pytest
 
-import bookkeeping
 import collect_demos
 import common
 import demo_making
 import rfcl
 import rlpd
+import run_files
+import run_log
 import vector_env
 from conftest import ROOT, error_line, one_line, read_scalars, run_script
 
@@ -63,8 +64,8 @@ def rlpd_run(demo_path, tmp_path_factory):
                                    "--eval-freq", "64"]))
     finally:
         os.chdir(cwd)
-    while bookkeeping._LOCKS:  # the run's lock is held until this process ends; the copies need none
-        bookkeeping._LOCKS.pop().close()
+    while run_files._LOCKS:  # the run's lock is held until this process ends; the copies need none
+        run_files._LOCKS.pop().close()
     return root / "runs" / "r"
 
 
@@ -114,9 +115,9 @@ def test_a_failed_resume_state_write_keeps_the_previous_one_and_says_so(demo_pat
     monkeypatch.chdir(tmp_path)
     rfcl.main(rfcl.parse_args([*SMALL, "--exp-name", "r", "--save-freq", "64", "--total-timesteps", "64",
                                "--eval-freq", "64"]))
-    state = tmp_path / "runs" / "r" / bookkeeping.RESUME_FILE
+    state = tmp_path / "runs" / "r" / common.RESUME_FILE
     saved = state.read_bytes()
-    fail_writes_of(monkeypatch, bookkeeping.RESUME_FILE)
+    fail_writes_of(monkeypatch, common.RESUME_FILE)
     msg = one_line(lambda: rfcl.main(rfcl.parse_args(["--resume", "runs/r", "--total-timesteps", "192"])))
     assert msg == ("error: could not write runs/r/resume.state (No space left on device): the previous resume state "
                    "is intact: --resume runs/r continues from env step 64, and everything since is lost. Free space "
@@ -128,7 +129,7 @@ def test_a_failed_checkpoint_write_stops_the_run_and_it_resumes_as_if_that_never
                                                                                      monkeypatch):
     run = copy_run(rlpd_run, tmp_path, "r")
     monkeypatch.chdir(tmp_path)
-    saved = (run / bookkeeping.RESUME_FILE).read_bytes()
+    saved = (run / common.RESUME_FILE).read_bytes()
     with monkeypatch.context() as m:  # the checkpoint is written before the resume state of its save point
         fail_writes_of(m, "step_00000128.ckpt", errno.EACCES)
         msg = one_line(lambda: rlpd.main(rlpd.parse_args(["--resume", "runs/r", "--total-timesteps", "192",
@@ -136,7 +137,7 @@ def test_a_failed_checkpoint_write_stops_the_run_and_it_resumes_as_if_that_never
     assert msg == ("error: could not write runs/r/checkpoints/step_00000128.ckpt (Permission denied): "
                    "step_00000128.ckpt was not written. Free space on that disk (or make runs/r/checkpoints "
                    "writable); stopped here")
-    assert (run / bookkeeping.RESUME_FILE).read_bytes() == saved and no_tmp_files(tmp_path)
+    assert (run / common.RESUME_FILE).read_bytes() == saved and no_tmp_files(tmp_path)
     rlpd.main(rlpd.parse_args(["--resume", "runs/r", "--total-timesteps", "128"]))  # nothing was lost
     assert json.loads((run / "summary.json").read_text())["global_step"] == 128
 
@@ -169,7 +170,7 @@ def test_sighup_from_a_closed_terminal_saves_and_stops_like_sigterm(demo_path, t
     code, lines = signalled("rfcl.py", "hup", tmp_path, [signal.SIGHUP], 0)
     assert code == 129 and lines[-1].startswith("stopped by SIGHUP at env step ")
     assert not any("Traceback" in x or "resource_tracker" in x for x in lines), lines
-    header = bookkeeping.read_resume_header(tmp_path / "runs" / "hup" / bookkeeping.RESUME_FILE)
+    header = run_files.read_resume_header(tmp_path / "runs" / "hup" / common.RESUME_FILE)
     assert lines[-1] == f"stopped by SIGHUP at env step {header['global_step']}; continue with: python rfcl.py " \
                         f"--resume runs/hup"
     assert (tmp_path / "runs" / "hup" / "checkpoints" / f"step_{header['global_step']:08d}.ckpt").exists()
@@ -179,7 +180,7 @@ def ctrl_c_at_96(name, tmp_path, monkeypatch, capsys, during_save: int):
     """An rlpd.py run (saving every 64 env steps) gets Ctrl-C at env step 96 and `during_save` more as that save
     point's resume state begins to be written. Returns (exit code, the non-empty stderr lines)."""
     monkeypatch.chdir(tmp_path)
-    progress, save = bookkeeping.RunLog.progress, bookkeeping.save_resume_state
+    progress, save = run_log.RunLog.progress, run_files.save_resume_state
 
     def first_at_96(self, step):
         progress(self, step)
@@ -190,8 +191,8 @@ def ctrl_c_at_96(name, tmp_path, monkeypatch, capsys, during_save: int):
         for _ in range(during_save if step == 96 else 0):
             os.kill(os.getpid(), signal.SIGINT)
         return save(path, algorithm, script, config, step, *a, **k)
-    monkeypatch.setattr(bookkeeping.RunLog, "progress", first_at_96)
-    monkeypatch.setattr(bookkeeping, "save_resume_state", more)
+    monkeypatch.setattr(run_log.RunLog, "progress", first_at_96)
+    monkeypatch.setattr(run_files, "save_resume_state", more)
     with pytest.raises(SystemExit) as e:
         rlpd.main(rlpd.parse_args([*SMALL, "--exp-name", name, "--save-freq", "64", "--eval-freq", "1000",
                                    "--total-timesteps", "1000"]))
@@ -206,7 +207,7 @@ def test_a_second_ctrl_c_lets_the_save_finish(demo_path, tmp_path, monkeypatch, 
     assert code == 130
     assert "SIGINT again: still saving, which keeps the work; once more stops at once, without the save" in err
     assert err[-1].startswith("stopped by SIGINT at env step 96; continue with: python ")
-    assert bookkeeping.read_resume_header(tmp_path / "runs" / "twice" / bookkeeping.RESUME_FILE)["global_step"] == 96
+    assert run_files.read_resume_header(tmp_path / "runs" / "twice" / common.RESUME_FILE)["global_step"] == 96
 
 
 def test_a_third_ctrl_c_inside_the_save_stops_at_once_saying_what_is_lost(demo_path, tmp_path, monkeypatch, capsys):
@@ -216,7 +217,7 @@ def test_a_third_ctrl_c_inside_the_save_stops_at_once_saying_what_is_lost(demo_p
     assert code == 130
     assert err[-1] == ("stopped at once by a third signal (SIGINT): this save point's resume state is not written; "
                        "--resume continues from the previous save point, whose files are intact")
-    assert bookkeeping.read_resume_header(tmp_path / "runs" / "t" / bookkeeping.RESUME_FILE)["global_step"] == 64
+    assert run_files.read_resume_header(tmp_path / "runs" / "t" / common.RESUME_FILE)["global_step"] == 64
     assert no_tmp_files(tmp_path)
 
 
@@ -224,14 +225,14 @@ def test_a_stop_does_not_wait_for_an_eval_due_in_its_last_iteration(demo_path, t
     """Signalled in the iteration that reaches env step 96, where an eval falls due: it saves and stops without the
     eval; the resumed run makes it in its first iteration (env step 104), and its final one at 128."""
     monkeypatch.chdir(tmp_path)
-    progress = bookkeeping.RunLog.progress
+    progress = run_log.RunLog.progress
 
     def signal_at_96(self, step):
         progress(self, step)
         if step == 96:
             os.kill(os.getpid(), signal.SIGINT)
     with monkeypatch.context() as m:
-        m.setattr(bookkeeping.RunLog, "progress", signal_at_96)
+        m.setattr(run_log.RunLog, "progress", signal_at_96)
         with pytest.raises(SystemExit) as e:
             rlpd.main(rlpd.parse_args([*SMALL, "--exp-name", "s", "--eval-freq", "96", "--total-timesteps", "1000"]))
     assert e.value.code == 130
@@ -249,7 +250,7 @@ def test_two_collections_into_one_folder_in_the_same_second_keep_both_files(demo
     args = rfcl.Args(max_episode_steps=5)
     _, _, state = rfcl.init_sac(args, 42, 8, jax.random.PRNGKey(0))
     ckpt = tmp_path / "c.ckpt"
-    bookkeeping.save_checkpoint(ckpt, rfcl.checkpoint_meta(args, 42, 8), rfcl.networks(state), 0)
+    run_files.save_checkpoint(ckpt, rfcl.checkpoint_meta(args, 42, 8), rfcl.networks(state), 0)
     monkeypatch.setattr(collect_demos.time, "strftime", lambda *a: "20260101_000000")  # the same second
     for seed in (0, 100):
         collect_demos.main(collect_demos.Args(checkpoint=str(ckpt), num_envs=1, num_episodes=1, seed=seed,
@@ -261,7 +262,7 @@ def test_two_collections_into_one_folder_in_the_same_second_keep_both_files(demo
     # the final placement never replaces a file that is there
     src = tmp_path / "mine.h5"
     src.write_bytes(b"mine")
-    assert one_line(lambda: bookkeeping.place_new(src, files[0])).startswith(f"error: {files[0]} appeared while")
+    assert one_line(lambda: common.place_new(src, files[0])).startswith(f"error: {files[0]} appeared while")
     assert files[0].read_bytes() != b"mine"
 
 
@@ -338,7 +339,7 @@ def test_bad_flags_and_files_of_collect_demos_frontier_and_suite_are_one_line(tm
     args = rfcl.Args(max_episode_steps=5)
     _, _, state = rfcl.init_sac(args, 42, 8, jax.random.PRNGKey(0))
     ckpt = tmp_path / "c.ckpt"
-    bookkeeping.save_checkpoint(ckpt, rfcl.checkpoint_meta(args, 42, 8), rfcl.networks(state), 0)
+    run_files.save_checkpoint(ckpt, rfcl.checkpoint_meta(args, 42, 8), rfcl.networks(state), 0)
     for flags, start in [({"max_attempts": 0}, "error: --max-attempts must be >= 1, got 0"),
                          ({"seed": -5}, "error: --seed must be >= 0, got -5"),
                          ({"num_videos": -1}, "error: --num-videos must be >= 0, got -1"),
@@ -363,14 +364,18 @@ def test_checkpoints_carry_a_format_version_checked_like_the_resume_states(tmp_p
     args = rfcl.Args(max_episode_steps=5)
     _, _, state = rfcl.init_sac(args, 42, 8, jax.random.PRNGKey(0))
     path = tmp_path / "c.ckpt"
-    bookkeeping.save_checkpoint(path, rfcl.checkpoint_meta(args, 42, 8), rfcl.networks(state), 0)
-    ckpt = bookkeeping.load_checkpoint(str(path))
-    assert (ckpt["format"], ckpt["version"]) == ("rfcl-jax checkpoint", 1)
-    for change, start in [({"version": 2}, f"error: {path} was written by checkpoint version 2; these scripts read "
-                                           f"version 1: use it with the version of the code that wrote it"),
+    run_files.save_checkpoint(path, rfcl.checkpoint_meta(args, 42, 8), rfcl.networks(state), 0)
+    ckpt = run_files.load_checkpoint(str(path))
+    assert (ckpt["format"], ckpt["version"]) == ("rfcl-jax checkpoint", 2)
+    for change, start in [({"version": 3}, f"error: {path} was written by checkpoint version 3; these scripts read "
+                                           f"versions up to 2: use it with the version of the code that wrote it"),
                           ({"format": "other"}, f"error: {path} is not a checkpoint of these scripts")]:
         path.write_bytes(serialization.msgpack_serialize({**ckpt, **change}))
-        assert one_line(lambda: bookkeeping.load_checkpoint(str(path))).startswith(start)
-    del ckpt["format"], ckpt["version"]  # written before checkpoints carried them: version 1
-    path.write_bytes(serialization.msgpack_serialize(ckpt))
-    assert bookkeeping.load_checkpoint(str(path))["algorithm"] == "rfcl"
+        assert one_line(lambda: run_files.load_checkpoint(str(path))).startswith(start)
+    # version 1 kept the four networks beside the meta; written before checkpoints carried a format: version 1
+    nets = ckpt.pop("networks")
+    del ckpt["format"], ckpt["version"]
+    path.write_bytes(serialization.msgpack_serialize({**ckpt, **nets}))
+    old = run_files.load_checkpoint(str(path))
+    assert old["algorithm"] == "rfcl" and set(old["networks"]) == set(nets) == set(run_files.V1_NETWORKS)
+    assert np.array_equal(old["networks"]["actor_params"]["Dense_0"]["kernel"], nets["actor_params"]["Dense_0"]["kernel"])

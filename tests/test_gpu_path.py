@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
-import bookkeeping
 import collect_demos
 import common
 import rfcl
 import rlpd
+import run_files
 import vector_env
 
 
@@ -53,7 +53,7 @@ def test_rfcl_rlpd_evaluate_and_collect_demos_run_the_gpu_path(gpu_on_cpu_physic
     run = tmp_path / "runs" / "g"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["stage"] == 2 and summary["global_step"] == 96 and summary["eval_success_at_end"] is not None
-    stage1 = bookkeeping.load_checkpoint(str(run / "checkpoints" / "stage1.ckpt"))
+    stage1 = run_files.load_checkpoint(str(run / "checkpoints" / "stage1.ckpt"))
     assert stage1["global_step"] == summary["stage1_end_step"] and json.loads(stage1["extra"])["stage"] == 1
     assert (run / "videos" / "eval_00000096.mp4").exists()
     rfcl.main(rfcl.parse_args([

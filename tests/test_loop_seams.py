@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import common
+import demo_making
 import rfcl
 import vector_env
 from conftest import read_scalars
@@ -138,7 +139,7 @@ def spy_run(tmp_path, monkeypatch, *extra):
     seen["rng"] = rng["spy"]
     seen["summary"] = json.loads((tmp_path / "runs" / "seams" / "summary.json").read_text())
     seen["scalars"] = read_scalars(tmp_path / "runs" / "seams")
-    seen["demo_lengths"] = common.load_demos(common.get_demos(
+    seen["demo_lengths"] = common.load_demos(demo_making.get_demos(
         "PickCube-v1", "state", "pd_joint_delta_pos", 2), 2).lengths
     return seen
 

@@ -8,9 +8,10 @@ import shutil
 import jax
 import pytest
 
-import bookkeeping
 import common
+import demo_making
 import rfcl
+import run_files
 import vector_env
 from conftest import CONTROL_MODE, ENV_ID, OBS_MODE, ROOT, error_line, one_line, run_script
 
@@ -51,7 +52,7 @@ def test_the_settings_reach_the_simulator():
 @pytest.fixture(scope="module")
 def fast_demos(asset_dir):
     """PickCube demos planned and converted under FAST physics, into the session's demo folder."""
-    return common.get_demos(ENV_ID, OBS_MODE, CONTROL_MODE, 1, sim_config=FAST)
+    return demo_making.get_demos(ENV_ID, OBS_MODE, CONTROL_MODE, 1, sim_config=FAST)
 
 
 def test_demos_are_planned_converted_recorded_and_found_per_physics(fast_demos, demo_path):
@@ -90,7 +91,7 @@ def test_a_run_its_checkpoint_and_every_tool_keep_the_physics(fast_demos, demo_p
     run_dir = tmp_path / "runs" / "fast"
     assert json.loads((run_dir / "args.json").read_text())["sim_config"] == json.dumps(FAST)
     ckpt_path = run_dir / "checkpoints" / "final.ckpt"
-    assert bookkeeping.checkpoint_sim_config(bookkeeping.load_checkpoint(str(ckpt_path))) == FAST
+    assert run_files.checkpoint_sim_config(run_files.load_checkpoint(str(ckpt_path))) == FAST
 
     # other physics than the demos' or the checkpoint's: one line, nothing built or written
     assert one_line(lambda: rfcl.main(rfcl.parse_args([*flags, "--exp-name", "x", "--dataset-path",
@@ -129,8 +130,8 @@ def test_a_checkpoint_from_before_the_flag_is_the_tasks_own_physics(tmp_path):
     meta = rfcl.checkpoint_meta(args, 42, 8)
     assert meta["sim_config"] == {}
     del meta["sim_config"]
-    bookkeeping.save_checkpoint(tmp_path / "old.ckpt", meta, rfcl.networks(state), 0)
-    ckpt = bookkeeping.load_run_checkpoint(str(tmp_path / "old.ckpt"), ENV_ID, OBS_MODE, CONTROL_MODE, {},
+    run_files.save_checkpoint(tmp_path / "old.ckpt", meta, rfcl.networks(state), 0)
+    ckpt = run_files.load_run_checkpoint(str(tmp_path / "old.ckpt"), ENV_ID, OBS_MODE, CONTROL_MODE, {},
                                            rfcl.SCRIPT)
-    assert bookkeeping.checkpoint_sim_config(ckpt) == {}
+    assert run_files.checkpoint_sim_config(ckpt) == {}
     shutil.rmtree(tmp_path)

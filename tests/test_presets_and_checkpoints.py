@@ -10,10 +10,10 @@ import jax
 import numpy as np
 import pytest
 
-import bookkeeping
 import common
 import rfcl
 import rlpd
+import run_files
 import vector_env
 
 SHARED = {"exp_name": None, "seed": 1, "track": False, "env_id": "PickCube-v1", "obs_mode": "state",
@@ -73,7 +73,7 @@ def test_per_task_defaults_horizon_from_the_registry_and_flags_win(algo, capsys)
 def test_per_task_values_are_recorded_in_args_json(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = rfcl.parse_args(["--env-id", "PegInsertionSide-v1", "--exp-name", "t"])
-    bookkeeping.make_run_dir(bookkeeping.new_run_dir(args.exp_name), dataclasses.asdict(args))
+    run_files.make_run_dir(run_files.new_run_dir(args.exp_name), dataclasses.asdict(args))
     saved = json.loads((tmp_path / "runs" / "t" / "args.json").read_text())
     assert (saved["gamma"], saved["max_episode_steps"]) == (0.99, 100)
 
@@ -126,9 +126,9 @@ def test_every_checkpoint_field_round_trips(algo, tmp_path):
     args = algo.Args(hidden_dims=(16, 16), num_qs=3)
     state = trained_like_state(algo, args, 5)
     path = tmp_path / "c.ckpt"
-    bookkeeping.save_checkpoint(path, algo.checkpoint_meta(args, 42, 8), algo.networks(state), 1234,
+    run_files.save_checkpoint(path, algo.checkpoint_meta(args, 42, 8), algo.networks(state), 1234,
                                 {"stage": 2, "t": [1, 2]})
-    ckpt = bookkeeping.load_checkpoint(str(path))
+    ckpt = run_files.load_checkpoint(str(path))
     assert ckpt["script"] == str(Path(algo.__file__).resolve())
     assert {k: ckpt[k] for k in ("algorithm", "env_id", "obs_mode", "control_mode", "obs_dim", "act_dim",
                                  "hidden_dims", "num_qs", "global_step")} == {
@@ -138,8 +138,9 @@ def test_every_checkpoint_field_round_trips(algo, tmp_path):
     assert json.loads(ckpt["args"]) == json.loads(json.dumps(dataclasses.asdict(args)))
     assert json.loads(ckpt["extra"]) == {"stage": 2, "t": [1, 2]}
     _, _, fresh = algo.init_sac(args, 42, 8, jax.random.PRNGKey(0))
-    restored = algo.with_networks(fresh, ckpt)
-    for name in bookkeeping.NETWORK_FIELDS:
+    restored = algo.with_networks(fresh, ckpt["networks"])
+    assert set(ckpt["networks"]) == set(algo.networks(state))
+    for name in algo.networks(state):
         saved, back = algo.networks(state)[name], algo.networks(restored)[name]
         leaves = list(zip(jax.tree_util.tree_leaves(saved), jax.tree_util.tree_leaves(back)))
         assert leaves and all(np.array_equal(a, b) for a, b in leaves), name
@@ -150,7 +151,7 @@ def test_evaluate_acts_with_the_saved_weights_not_a_fresh_init(tmp_path, monkeyp
     args = rfcl.Args(hidden_dims=(16, 16))
     state = trained_like_state(rfcl, args, 5)
     path = tmp_path / "c.ckpt"
-    bookkeeping.save_checkpoint(path, rfcl.checkpoint_meta(args, 42, 8), rfcl.networks(state), 10)
+    run_files.save_checkpoint(path, rfcl.checkpoint_meta(args, 42, 8), rfcl.networks(state), 10)
     used = {}
     monkeypatch.setattr(vector_env, "make_envs", lambda *a: SimpleNamespace(obs_dim=42, act_dim=8, close=lambda: None))
     monkeypatch.setattr(common, "evaluate", lambda envs, act, *a: used.update(act=act) or {"eval/episodes": 0})

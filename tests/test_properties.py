@@ -35,10 +35,11 @@ import mani_skill.envs  # noqa: F401
 import numpy as np
 import pytest
 
-import bookkeeping
 import common
+import demo_making
 import rfcl
 import rlpd
+import run_files
 import vector_env
 from conftest import CONTROL_MODE, ENV_ID, OBS_MODE, read_scalars
 
@@ -155,8 +156,8 @@ def spied_run(script, tmp_path, monkeypatch, *flags, sim_backend="cpu", scripted
     monkeypatch.undo()
     run_dir = tmp_path / "runs" / "p"
     seen.update(run_dir=run_dir, summary=json.loads((run_dir / "summary.json").read_text()),
-                scalars=read_scalars(run_dir), payload=bookkeeping.load_resume_state(
-                    run_dir / bookkeeping.RESUME_FILE, None)[1],
+                scalars=read_scalars(run_dir), payload=run_files.load_resume_state(
+                    run_dir / common.RESUME_FILE, None)[1],
                 demos=common.load_demos(demo_file, 2))
     return seen
 
@@ -165,7 +166,7 @@ def reseeded_demos(dst):
     """The planner's PickCube demos with episode seeds 500, 503, ... instead of 0, 1, ...: a seed that equals its
     demo's index would hide a run that builds a demo's scene from the index. (PickCube's whole scene, goal included,
     is in the restored state, so the demos stay valid.)"""
-    src = common.get_demos(ENV_ID, OBS_MODE, CONTROL_MODE, 2)
+    src = demo_making.get_demos(ENV_ID, OBS_MODE, CONTROL_MODE, 2)
     shutil.copy(src, dst)
     meta = json.loads(src.with_suffix(".json").read_text())
     for k, e in enumerate(meta["episodes"]):
@@ -335,7 +336,7 @@ def test_rlpd_training_seeds_are_disjoint_from_demo_and_eval_seeds():
 def test_eval_acts_with_the_policy_mean_of_the_current_weights(runs, name):
     seen = runs[name]
     algo = rfcl if name == "rfcl" else rlpd
-    ckpt = bookkeeping.load_checkpoint(str(seen["run_dir"] / "checkpoints" / "final.ckpt"))
+    ckpt = run_files.load_checkpoint(str(seen["run_dir"] / "checkpoints" / "final.ckpt"))
     det = algo.load_actor(ckpt)[0]
     spy = seen["envs"][1]
     last_eval = spy.steps[-HORIZON:]  # the last eval ran at the last step, after the last update
@@ -368,12 +369,12 @@ def test_time_limits_truncate_at_the_limit_and_never_terminate(runs, name):
 @both
 def test_a_checkpoint_holds_the_weights_the_run_had_at_its_step(runs, name):
     seen = runs[name]
-    ckpt = bookkeeping.load_checkpoint(str(seen["run_dir"] / "checkpoints" / "final.ckpt"))
+    ckpt = run_files.load_checkpoint(str(seen["run_dir"] / "checkpoints" / "final.ckpt"))
     sac = seen["payload"]["sac"]
     assert ckpt["global_step"] == seen["summary"]["global_step"]
     for field, saved in (("actor_params", sac["actor"]["params"]), ("critic_params", sac["critic"]["params"]),
                          ("target_params", sac["target_params"]), ("log_alpha", sac["temp"]["params"]["log_alpha"])):
-        got, want = jax.tree_util.tree_leaves(ckpt[field]), jax.tree_util.tree_leaves(saved)
+        got, want = jax.tree_util.tree_leaves(ckpt["networks"][field]), jax.tree_util.tree_leaves(saved)
         assert len(got) == len(want) and all(np.array_equal(a, b) for a, b in zip(got, want)), field
 
 

@@ -12,9 +12,11 @@ import jax
 import numpy as np
 import pytest
 
-import bookkeeping
+import common
 import rfcl
 import rlpd
+import run_files
+import run_log
 from conftest import read_scalars
 
 
@@ -58,7 +60,7 @@ def test_round_trip_restores_every_tensor_curriculum_field_generator_and_buffer(
         i, t, _ = reverse.sample_start()
         reverse.report(i, reverse.t[i], bool(rng.integers(2)))
         forward.report(forward.sample(), bool(rng.integers(2)))
-    run = bookkeeping.RunLog(tmp_path, bookkeeping.SummaryWriter(str(tmp_path)), args.total_timesteps, args.log_freq, args.eval_freq,
+    run = run_log.RunLog(tmp_path, run_log.SummaryWriter(str(tmp_path)), args.total_timesteps, args.log_freq, args.eval_freq,
                            args.save_freq, args.max_episode_steps, args.num_eval_episodes, args.capture_video, None, 3)
     run.episode_ended(1.0, True, True)
     run.evals.append([32, 0.5])  # an eval's step and success_at_end, which --target-success judges
@@ -67,10 +69,10 @@ def test_round_trip_restores_every_tensor_curriculum_field_generator_and_buffer(
     key = jax.random.PRNGKey(7)
     saved = rfcl.resume_state(state, key, rng, reverse, forward, online, offline, loop, run)
 
-    path = tmp_path / bookkeeping.RESUME_FILE
-    bookkeeping.save_resume_state(path, "rfcl", rfcl.SCRIPT, dataclasses.asdict(args), 64, 1, saved)
-    header, loaded = bookkeeping.load_resume_state(path, "rfcl", rfcl.SCRIPT)
-    assert (header["global_step"], header["stage"], header["args"]) == (64, 1, json.loads(json.dumps(
+    path = tmp_path / common.RESUME_FILE
+    run_files.save_resume_state(path, "rfcl", rfcl.SCRIPT, dataclasses.asdict(args), 64, saved)
+    header, loaded = run_files.load_resume_state(path, "rfcl", rfcl.SCRIPT)
+    assert (header["global_step"], loaded["loop"]["stage"], header["args"]) == (64, 1, json.loads(json.dumps(
         dataclasses.asdict(args))))
 
     # restore into freshly built objects, as a resumed process does, and take the state again
@@ -79,7 +81,7 @@ def test_round_trip_restores_every_tensor_curriculum_field_generator_and_buffer(
     reverse2 = rfcl.ReverseCurriculum([20, 30, 25], 4, 3, 3.0, 0.9, rng2)
     forward2 = rfcl.ForwardCurriculum(np.arange(6) + 100, 0.1, 0.1, 5, rng2)
     state2, key2, online2, offline2, loop2 = rfcl.restore(loaded, fresh, rng2, reverse2, forward2)
-    run2 = bookkeeping.RunLog(tmp_path, bookkeeping.SummaryWriter(str(tmp_path)), args.total_timesteps, args.log_freq, args.eval_freq,
+    run2 = run_log.RunLog(tmp_path, run_log.SummaryWriter(str(tmp_path)), args.total_timesteps, args.log_freq, args.eval_freq,
                            args.save_freq, args.max_episode_steps, args.num_eval_episodes, args.capture_video, None, 3)
     run2.load_state_dict(loaded["run"], 64)
     assert_same_tree(saved, rfcl.resume_state(state2, key2, rng2, reverse2, forward2, online2, offline2, loop2, run2))
@@ -106,9 +108,9 @@ def saved_run(tmp_path):
     """runs/r: args.json and a small, valid rfcl resume state at env step 64."""
     run_dir = tmp_path / "runs" / "r"
     args = rfcl.Args(exp_name="r", max_episode_steps=50, total_timesteps=100)
-    bookkeeping.make_run_dir(run_dir, dataclasses.asdict(args))
-    bookkeeping.save_resume_state(run_dir / bookkeeping.RESUME_FILE, "rfcl", rfcl.SCRIPT, dataclasses.asdict(args), 64,
-                                  1, {"x": np.arange(1000.0)})
+    run_files.make_run_dir(run_dir, dataclasses.asdict(args))
+    run_files.save_resume_state(run_dir / common.RESUME_FILE, "rfcl", rfcl.SCRIPT, dataclasses.asdict(args), 64,
+                                {"x": np.arange(1000.0)})
     return run_dir
 
 
@@ -140,7 +142,7 @@ def test_bad_resume_inputs_are_one_line_errors_and_change_nothing(saved_run, tmp
     def contents():  # .lock names its latest holder (this process, once it tried), so it is left out
         return {p: p.read_bytes() for p in saved_run.rglob("*") if p.is_file() and p.name != ".lock"}
     before = contents()
-    state = saved_run / bookkeeping.RESUME_FILE
+    state = saved_run / common.RESUME_FILE
     good = state.read_bytes()
     assert resume_error(rfcl, "--resume", str(tmp_path / "runs" / "nope")).startswith(
         "error: --resume " + str(tmp_path / "runs" / "nope") + ": no such run directory")
@@ -184,21 +186,21 @@ def test_bad_resume_inputs_are_one_line_errors_and_change_nothing(saved_run, tmp
 def test_a_resume_state_write_is_atomic(tmp_path, monkeypatch):
     """The previous state stays whole until the new one is complete: a write that dies midway leaves it, removes its
     temporary file and says so in one line."""
-    path = tmp_path / bookkeeping.RESUME_FILE
+    path = tmp_path / common.RESUME_FILE
     config = dataclasses.asdict(rfcl.Args(exp_name="a", max_episode_steps=50))
-    bookkeeping.save_resume_state(path, "rfcl", rfcl.SCRIPT, config, 10, 1, {"x": np.zeros(10)})
+    run_files.save_resume_state(path, "rfcl", rfcl.SCRIPT, config, 10, {"x": np.zeros(10)})
     first = path.read_bytes()
 
     def dies(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(bookkeeping.os, "fsync", dies)
+    monkeypatch.setattr(common.os, "fsync", dies)
     with pytest.raises(SystemExit) as e:
-        bookkeeping.save_resume_state(path, "rfcl", rfcl.SCRIPT, config, 20, 1, {"x": np.ones(10**5)})
+        run_files.save_resume_state(path, "rfcl", rfcl.SCRIPT, config, 20, {"x": np.ones(10**5)})
     assert str(e.value.code).startswith(f"error: could not write {path} (No space left on device): the previous "
                                         f"resume state is intact: --resume {tmp_path} continues from env step 10")
-    assert path.read_bytes() == first and sorted(p.name for p in tmp_path.iterdir()) == [bookkeeping.RESUME_FILE]
-    assert bookkeeping.load_resume_state(path, "rfcl")[0]["global_step"] == 10
+    assert path.read_bytes() == first and sorted(p.name for p in tmp_path.iterdir()) == [common.RESUME_FILE]
+    assert run_files.load_resume_state(path, "rfcl")[0]["global_step"] == 10
 
 
 # ---- stop at N, resume, and compare with the run that did not stop ---------------------------------------------
@@ -210,7 +212,7 @@ SMALL = ["--num-demos", "2", "--num-envs", "2", "--num-eval-envs", "1", "--num-e
 
 def run_in_process(module, argv, cwd, monkeypatch, keep=False):
     """module.main as `python module.py argv` in cwd; with keep, a copy of every resume state it writes."""
-    original = bookkeeping.save_resume_state
+    original = run_files.save_resume_state
 
     def save_and_keep(path, algorithm, script, config, step, stage, payload, **k):
         original(path, algorithm, script, config, step, stage, payload, **k)
@@ -219,7 +221,7 @@ def run_in_process(module, argv, cwd, monkeypatch, keep=False):
     with monkeypatch.context() as m:
         m.chdir(cwd)
         if keep:
-            m.setattr(bookkeeping, "save_resume_state", save_and_keep)
+            m.setattr(run_files, "save_resume_state", save_and_keep)
         module.main(parse(module, *argv))
 
 
@@ -240,17 +242,17 @@ def test_stopped_and_resumed_run_equals_the_run_that_did_not_stop(module, extra,
     if module is rfcl:  # b: a run that stops at N, then resumes
         run_in_process(module, [*flags, "--exp-name", "b", "--total-timesteps", "192"], tmp_path, monkeypatch)
         at_n = tmp_path / "runs" / "b" / "at_192.state"
-        shutil.copy(tmp_path / "runs" / "b" / bookkeeping.RESUME_FILE, at_n)
-        assert_same_tree(bookkeeping.load_resume_state(tmp_path / "runs" / "a" / "resume_192.state", None)[1],
-                         bookkeeping.load_resume_state(at_n, None)[1])
+        shutil.copy(tmp_path / "runs" / "b" / common.RESUME_FILE, at_n)
+        assert_same_tree(run_files.load_resume_state(tmp_path / "runs" / "a" / "resume_192.state", None)[1],
+                         run_files.load_resume_state(at_n, None)[1])
     else:  # b: the uninterrupted run as it was at N (its logs of all 384 steps, which the resume purges after N)
         shutil.copytree(tmp_path / "runs" / "a", tmp_path / "runs" / "b")
-        shutil.copy(tmp_path / "runs" / "b" / "resume_192.state", tmp_path / "runs" / "b" / bookkeeping.RESUME_FILE)
+        shutil.copy(tmp_path / "runs" / "b" / "resume_192.state", tmp_path / "runs" / "b" / common.RESUME_FILE)
     run_in_process(module, ["--resume", "runs/b", "--total-timesteps", "384"], tmp_path, monkeypatch)
 
     a, b = tmp_path / "runs" / "a", tmp_path / "runs" / "b"
-    assert_same_tree(bookkeeping.load_resume_state(a / bookkeeping.RESUME_FILE, None)[1],
-                     bookkeeping.load_resume_state(b / bookkeeping.RESUME_FILE, None)[1])
+    assert_same_tree(run_files.load_resume_state(a / common.RESUME_FILE, None)[1],
+                     run_files.load_resume_state(b / common.RESUME_FILE, None)[1])
     sa, sb = read_scalars(a), read_scalars(b)
     skip = ("charts/SPS",)
     assert {t for t in sa if not t.startswith("time/")} == {t for t in sb if not t.startswith("time/")}
@@ -272,13 +274,13 @@ def test_rfcl_stage1_resume_keeps_the_learner_and_restarts_the_same_episodes(dem
     env process and one that has run for a while step the same state to slightly different next observations."""
     flags = [*SMALL, "--save-freq", "192", "--num-seeds", "20"]
     run_in_process(rfcl, [*flags, "--exp-name", "a", "--total-timesteps", "288"], tmp_path, monkeypatch, keep=True)
-    assert bookkeeping.load_resume_state(tmp_path / "runs" / "a" / "resume_192.state", None)[1]["loop"]["stage"] == 1
+    assert run_files.load_resume_state(tmp_path / "runs" / "a" / "resume_192.state", None)[1]["loop"]["stage"] == 1
     shutil.copytree(tmp_path / "runs" / "a", tmp_path / "runs" / "b")
-    shutil.copy(tmp_path / "runs" / "b" / "resume_192.state", tmp_path / "runs" / "b" / bookkeeping.RESUME_FILE)
+    shutil.copy(tmp_path / "runs" / "b" / "resume_192.state", tmp_path / "runs" / "b" / common.RESUME_FILE)
     run_in_process(rfcl, ["--resume", "runs/b", "--total-timesteps", "288"], tmp_path, monkeypatch)
 
-    a_end = bookkeeping.load_resume_state(tmp_path / "runs" / "a" / bookkeeping.RESUME_FILE, None)[1]["online"]["data"]
-    b_end = bookkeeping.load_resume_state(tmp_path / "runs" / "b" / bookkeeping.RESUME_FILE, None)[1]["online"]["data"]
+    a_end = run_files.load_resume_state(tmp_path / "runs" / "a" / common.RESUME_FILE, None)[1]["online"]["data"]
+    b_end = run_files.load_resume_state(tmp_path / "runs" / "b" / common.RESUME_FILE, None)[1]["online"]["data"]
     rows = slice(192, 194)  # the first step after N, both envs
     np.testing.assert_array_equal(a_end["obs"][rows], b_end["obs"][rows])
     np.testing.assert_array_equal(a_end["actions"][rows], b_end["actions"][rows])
@@ -289,7 +291,7 @@ def test_rfcl_stage1_resume_keeps_the_learner_and_restarts_the_same_episodes(dem
 
 
 def payload(run_dir: Path) -> dict:
-    return bookkeeping.load_resume_state(run_dir / bookkeeping.RESUME_FILE, None)[1]
+    return run_files.load_resume_state(run_dir / common.RESUME_FILE, None)[1]
 
 
 def test_a_fork_from_the_stage_switch_goes_on_as_its_parent_or_as_told(demo_path, tmp_path, monkeypatch):
@@ -301,7 +303,7 @@ def test_a_fork_from_the_stage_switch_goes_on_as_its_parent_or_as_told(demo_path
     parent = tmp_path / "runs" / "p"
     switch = json.loads((parent / "summary.json").read_text())["stage1_end_step"]
     state = parent / rfcl.SWITCH_STATE
-    assert switch and bookkeeping.read_resume_header(state)["global_step"] == switch
+    assert switch and run_files.read_resume_header(state)["global_step"] == switch
     untouched = {f: f.read_bytes() for f in parent.rglob("*") if f.is_file() and f.name != ".lock"}
 
     fork = ["--fork", "runs/p/stage2_start.state", "--total-timesteps", "288"]
@@ -319,11 +321,11 @@ def test_a_fork_from_the_stage_switch_goes_on_as_its_parent_or_as_told(demo_path
     utd = tmp_path / "runs" / "utd"
     summary = json.loads((utd / "summary.json").read_text())
     assert summary["forked_from"]["changed"] == {"grad_updates_per_step": [2, 4]}
-    at_switch = bookkeeping.load_resume_state(state, None)[1]["loop"]["grad_updates"]
+    at_switch = run_files.load_resume_state(state, None)[1]["loop"]["grad_updates"]
     after = json.loads((parent / "summary.json").read_text())["grad_updates"] - at_switch
     assert summary["grad_updates"] - at_switch == 2 * after > 0, "twice the parent's updates after the switch"
     assert json.loads((utd / "args.json").read_text())["fork"] == "runs/p/stage2_start.state"
-    assert bookkeeping.read_resume_header(utd / bookkeeping.RESUME_FILE)["fork"] == summary["forked_from"]
+    assert run_files.read_resume_header(utd / common.RESUME_FILE)["fork"] == summary["forked_from"]
     assert {f: f.read_bytes() for f in parent.rglob("*") if f.is_file() and f.name != ".lock"} == untouched
 
     for argv, start in [
@@ -354,7 +356,7 @@ def test_an_rlpd_fork_of_a_run_directory_and_its_resume(demo_path, tmp_path, mon
     run_in_process(rlpd, ["--resume", "runs/f", "--total-timesteps", "192"], tmp_path, monkeypatch)
     summary = json.loads((tmp_path / "runs" / "f" / "summary.json").read_text())
     assert summary["global_step"] == 192 and summary["forked_from"] == {
-        "state": str((tmp_path / "runs" / "p" / bookkeeping.RESUME_FILE).resolve()), "parent": "p",
+        "state": str((tmp_path / "runs" / "p" / common.RESUME_FILE).resolve()), "parent": "p",
         "global_step": 128, "changed": {"total_timesteps": [128, 160], "actor_update_freq": [1, 2]}}
     assert json.loads((tmp_path / "runs" / "f" / "args.json").read_text())["actor_update_freq"] == 2
 
@@ -393,7 +395,7 @@ def test_resume_continues_only_on_the_demos_the_run_began_with(demo_path, tmp_pa
     shutil.copy(demo_path, data), shutil.copy(demo_path.with_suffix(".json"), data.with_suffix(".json"))
     run_in_process(rlpd, [*SMALL, "--save-freq", "64", "--total-timesteps", "64", "--exp-name", "d",
                           "--dataset-path", str(data)], tmp_path, monkeypatch)
-    header = bookkeeping.read_resume_header(tmp_path / "runs" / "d" / bookkeeping.RESUME_FILE)
+    header = run_files.read_resume_header(tmp_path / "runs" / "d" / common.RESUME_FILE)
     assert header["demos"]["path"] == str(data.resolve()) and header["demos"]["num_demos"] == 2
     moved = tmp_path / "moved.h5"
     shutil.move(data, moved), shutil.move(data.with_suffix(".json"), moved.with_suffix(".json"))

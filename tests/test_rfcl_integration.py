@@ -151,10 +151,10 @@ def test_reset_to_a_demo_state_gives_the_demo_observation(demo_path):
 
 
 def test_ctrl_c_sigterm_and_sighup_are_the_same_stop_request_and_a_third_one_stops_at_once():
-    import bookkeeping
+    import stop_signals
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        stop = bookkeeping.StopRequest()
+        stop = stop_signals.StopRequest()
         try:
             assert not stop
             os.kill(os.getpid(), sig)
@@ -238,12 +238,12 @@ def test_a_run_directory_has_one_writer(tiny_run, tmp_path, monkeypatch):
     import subprocess
     import sys
 
-    import bookkeeping
     import rfcl
+    import run_files
 
     cwd, run_dir, _ = tiny_run
-    holder = subprocess.Popen([sys.executable, "-c", f"import bookkeeping, pathlib, time; "
-                               f"bookkeeping.lock_run_dir(pathlib.Path({str(run_dir)!r})); print('locked', flush=True); "
+    holder = subprocess.Popen([sys.executable, "-c", f"import run_files, pathlib, time; "
+                               f"run_files.lock_run_dir(pathlib.Path({str(run_dir)!r})); print('locked', flush=True); "
                                f"time.sleep(120)"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -260,6 +260,6 @@ def test_a_run_directory_has_one_writer(tiny_run, tmp_path, monkeypatch):
     made = tmp_path / "runs" / "twice"
     made.mkdir(parents=True)
     with pytest.raises(SystemExit, match="was just made by another process; pass another --exp-name"):
-        bookkeeping.make_run_dir(made, {})
-    bookkeeping.lock_run_dir(run_dir)  # the holder's lock went with it
-    bookkeeping._LOCKS.pop().close()
+        run_files.make_run_dir(made, {})
+    run_files.lock_run_dir(run_dir)  # the holder's lock went with it
+    run_files._LOCKS.pop().close()

@@ -7,9 +7,9 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-import bookkeeping
 import rfcl
 import rlpd
+import run_files
 from conftest import fake_gpu_envs
 
 both = pytest.mark.parametrize("algo", [rfcl, rlpd], ids=["rfcl", "rlpd"])
@@ -153,10 +153,10 @@ def test_ring_buffer_returns_what_was_stored_and_wraps(algo):
 def test_checkpoint_round_trip_and_what_a_run_started_from_it_refuses(algo, tmp_path, monkeypatch):
     args, actor, critic, state, *_ = small_setup(algo)
     path = tmp_path / "c.ckpt"
-    bookkeeping.save_checkpoint(path, algo.checkpoint_meta(args, 5, 2), algo.networks(state), 123, {"stage": 2})
-    ckpt = bookkeeping.load_checkpoint(str(path))
+    run_files.save_checkpoint(path, algo.checkpoint_meta(args, 5, 2), algo.networks(state), 123, {"stage": 2})
+    ckpt = run_files.load_checkpoint(str(path))
     assert ckpt["algorithm"] == algo.ALGORITHM and ckpt["global_step"] == 123 and ckpt["obs_dim"] == 5
-    np.testing.assert_array_equal(ckpt["actor_params"]["Dense_0"]["kernel"], state.actor.params["Dense_0"]["kernel"])
+    np.testing.assert_array_equal(ckpt["networks"]["actor_params"]["Dense_0"]["kernel"], state.actor.params["Dense_0"]["kernel"])
     assert not list(tmp_path.glob(".*tmp")), "no temporary file left behind"
     monkeypatch.chdir(tmp_path)
 
