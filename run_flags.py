@@ -120,3 +120,34 @@ def fork_args(args_cls, argv, given: set, description: str, fork_fixed: tuple[st
     if "exp-name" not in given:
         args.exp_name = f"{base.exp_name}__fork{header['global_step']}__{int(time.time())}"
     return args
+
+
+def check_ranges(args, ranges: dict) -> None:
+    """One line for the first flag outside its range. `ranges` maps a flag's field name to ">= x", "> x" or an
+    interval "[a, b)" (brackets include the bound, parentheses exclude it; a bound may be written 2**32). A flag left
+    at None is not checked; a tuple flag needs one or more values, each in the range."""
+    for name, spec in ranges.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        values = value if isinstance(value, tuple) else (value,)
+        if values and all(in_range(v, spec) for v in values):
+            continue
+        flag, where = f"--{name.replace('_', '-')}", spec if spec[0] in "<>" else f"in {spec}"
+        if isinstance(value, tuple):
+            fail(f"{flag} takes one or more values, each {where}, got {' '.join(map(str, value)) or 'none'}")
+        fail(f"{flag} must be {where}, got {value}")
+
+
+def in_range(value, spec: str) -> bool:
+    """Whether `value` is in `spec` (check_ranges)."""
+    def number(text):
+        base, _, power = text.strip().partition("**")
+        return float(base) ** float(power) if power else float(base)
+
+    if spec.startswith(">="):
+        return value >= number(spec[2:])
+    if spec.startswith(">"):
+        return value > number(spec[1:])
+    low, high = (number(x) for x in spec[1:-1].split(","))
+    return (low <= value if spec[0] == "[" else low < value) and (value <= high if spec[-1] == "]" else value < high)

@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import numpy as np
@@ -109,9 +109,26 @@ class RunLog:
         last step). Asking changes nothing: log(), evaluate() and saved() record that they happened."""
         return step - self.last[what] >= self.freq[what] or (what == "eval" and step >= self.total)
 
-    def saved(self, step: int) -> None:
-        """A scheduled save happened at `step` (the next is due --save-freq env steps later)."""
-        self.last["save"] = step
+    def save_point(self, step: int, stopping: bool, done: bool, force: bool, checkpoint: Callable[[str], None],
+                   resume_state: Callable[[], None]) -> bool:
+        """Checkpoints every save_freq env steps and at a stop signal (checkpoint("step_<step>.ckpt")) and at the
+        end (checkpoint("final.ckpt")); then, at those and wherever `force` (e.g. RFCL's stage switch), a save point:
+        tensorboard flushed, then resume_state() writes the state a --resume continues from. Returns whether it made
+        a save point: the script then starts a new episode in every env, as a resumed run does (a resume state holds
+        no simulator state), so that the run that goes on and a resumed one go on identically."""
+        saving = self.due("save", step)
+        if saving:
+            self.last["save"] = step
+        if saving or stopping:
+            checkpoint(f"step_{step:08d}.ckpt")
+        if done and not stopping:
+            checkpoint("final.ckpt")
+        if not (saving or force or done):
+            return False
+        self.writer.flush()  # tensorboard holds every step up to here before the state that resumes after it
+        with self.timed("save"):
+            resume_state()
+        return True
 
     def log(self, step: int, scalars: dict, **postfix) -> None:
         """Write `scalars` plus SPS, the time split and the episodes finished since the last log."""

@@ -29,7 +29,8 @@ import tyro
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# (name, group, [(old, new), ...][, file]): alternatives for different versions of the file (default rfcl.py)
+# (name, group, [(old, new[, marker]), ...][, file]): alternatives for different versions of the file (default rfcl.py);
+# the first applies whose `old` (and `marker`, if given) the file contains
 MUTANTS = [
     ("frontier moves before the window is full", "unit",
      [("if len(win) == self.window and all(win):", "if all(win):")]),
@@ -94,7 +95,8 @@ MUTANTS = [
       ("offline, online = online, ReplayBuffer(args.buffer_size, obs_dim, act_dim)",
        "online = ReplayBuffer(args.buffer_size, obs_dim, act_dim)")]),
     ("curriculum always judges success once", "loop",
-     [('judged = eps.once if args.curriculum_success == "once" else success', "judged = eps.once"),
+     [('judged = eps.success_once if args.curriculum_success == "once" else success', "judged = eps.success_once"),
+      ('judged = eps.once if args.curriculum_success == "once" else success', "judged = eps.once"),
       ('ep_success = ep_once if args.curriculum_success == "once" else success', "ep_success = ep_once")]),
     ("stage-2 seeding with uniform actions", "loop",
      [("if stage == 1 and global_step < args.num_seed_steps:", "if online.size < args.num_seed_steps:")]),
@@ -108,7 +110,8 @@ for _script in ("rfcl.py", "rlpd.py"):
          [('"actions": actions, "rewards": success', '"actions": np.clip(actions, -0.5, 0.5), "rewards": success')],
          _script),
         (f"{_script}: online reward is success so far", "data",
-         [('"rewards": success.astype(np.float32),', '"rewards": eps.once.astype(np.float32),')], _script),
+         [('"rewards": success.astype(np.float32),', '"rewards": eps.success_once.astype(np.float32),', "success_once"),
+          ('"rewards": success.astype(np.float32),', '"rewards": eps.once.astype(np.float32),')], _script),
         (f"{_script}: online next_obs is the observation before", "data",
          [('"next_obs": next_obs, "masks"', '"next_obs": obs, "masks"')], _script),
         (f"{_script}: online mask ignores terminations", "data",
@@ -140,7 +143,7 @@ MUTANTS += [
 MUTANTS += [
     # stage 1 starts from the demo state asked for
     ("CPU envs drop the demo states: episodes start from the task's own initial states", "start",
-     [('            options["states"] = list(states)\n', "")], "vector_env.py"),
+     [('            options["states"] = list(states)\n', "            pass\n")], "vector_env.py"),
     ("the CPU worker returns the demo observation without restoring the demo state", "start",
      [("        self.env.unwrapped.set_state_dict(state)\n", "")], "vector_env.py"),
     ("the demo state one step after the observation handed out", "start",
@@ -150,7 +153,7 @@ MUTANTS += [
      [('seeds[j], states[j] = demos.episodes[i]["episode_seed"], demo_state(demos, i, t)',
        "seeds[j], states[j] = i, demo_state(demos, i, t)")]),
     ("stage-2 episodes keep a frontier episode's policy-mean flag", "start",
-     [("            eps.det[j] = False\n", "")]),
+     [("            eps.policy_mean[j] = False\n", ""), ("            eps.det[j] = False\n", "")]),
     # rlpd.py: half of every batch from the demo file
     ("rlpd.py: the offline half drawn from the online buffer", "offline",
      [("update_many(state, online.data, online.size, offline.data, offline.size, k,",
@@ -202,19 +205,27 @@ MUTANTS += [
        '"masks": bootstrap_masks(terminated | (eps.length >= eps.horizon), args.bootstrap_at_done)})')]),
     # a checkpoint holds the weights the run had at that step
     ("rlpd.py: checkpoints hold the networks the run started with", "checkpoints",
-     [("    def save_checkpoint(name: str) -> None:", "    def save_checkpoint(name: str, state=state) -> None:")],
+     [("lambda name: save_checkpoint(\n                run, args, state, name",
+       "lambda name, state=init_sac(args, obs_dim, act_dim, k_init)[2]: save_checkpoint(\n                run, args, state, name"),
+      ("    def save_checkpoint(name: str) -> None:", "    def save_checkpoint(name: str, state=state) -> None:")],
      "rlpd.py"),
     ("rfcl.py: checkpoints store the target critics as the critics", "checkpoints",
      [('"critic_params": s.critic.params, "target_params": s.target_params',
        '"critic_params": s.target_params, "target_params": s.target_params')]),
     # per-episode bookkeeping starts afresh with each episode, and the charts report it
     ("rfcl.py: success-so-far carried into the next episode", "episodes",
-     [("eps.length[mask], eps.ret[mask], eps.once[mask] = 0, 0.0, False", "eps.length[mask], eps.ret[mask] = 0, 0.0")]),
+     [("eps.length[mask], eps.episode_return[mask], eps.success_once[mask] = 0, 0.0, False",
+       "eps.length[mask], eps.episode_return[mask] = 0, 0.0"),
+      ("eps.length[mask], eps.ret[mask], eps.once[mask] = 0, 0.0, False", "eps.length[mask], eps.ret[mask] = 0, 0.0")]),
     ("rlpd.py: the return carried into the next episode", "episodes",
-     [("eps.length[mask], eps.ret[mask], eps.once[mask] = 0, 0.0, False", "eps.length[mask], eps.once[mask] = 0, False")],
+     [("eps.length[mask], eps.episode_return[mask], eps.success_once[mask] = 0, 0.0, False",
+       "eps.length[mask], eps.success_once[mask] = 0, False"),
+      ("eps.length[mask], eps.ret[mask], eps.once[mask] = 0, 0.0, False", "eps.length[mask], eps.once[mask] = 0, False")],
      "rlpd.py"),
     ("rlpd.py: charts swap success_once and success_at_end", "episodes",
-     [("run.episode_ended(eps.ret[j], success[j], eps.once[j])", "run.episode_ended(eps.ret[j], eps.once[j], success[j])")],
+     [("run.episode_ended(eps.episode_return[j], success[j], eps.success_once[j])",
+       "run.episode_ended(eps.episode_return[j], eps.success_once[j], success[j])"),
+      ("run.episode_ended(eps.ret[j], success[j], eps.once[j])", "run.episode_ended(eps.ret[j], eps.once[j], success[j])")],
      "rlpd.py"),
     ("CPU envs hand every env the observations of a partial reset", "episodes",
      [("        self.obs[mask] = obs[mask]\n", "        self.obs = obs\n")], "vector_env.py"),
@@ -269,6 +280,14 @@ def run_mutant(repo: Path, file: str, old: str, new: str, tests: list[str], time
             return True, time.time() - t0
 
 
+def compiles(source: str) -> bool:
+    try:
+        compile(source, "mutant", "exec")
+        return True
+    except SyntaxError:
+        return False
+
+
 def main(a: Args) -> list[dict]:
     repo = Path(a.repo or ROOT).resolve()
     # one JAX compilation cache for all the mutants of this process (the tests' conftest uses a given one): a mutant
@@ -285,15 +304,17 @@ def main(a: Args) -> list[dict]:
         tests = [t for t in {"unit": a.unit_tests, "loop": a.loop_tests, "data": a.data_tests, "signals": a.signal_tests,
                              **dict.fromkeys(PROPERTY_GROUPS, a.property_tests)}[group]
                  if not t.endswith(".py") or (repo / t).exists()]
-        hit = next(((o, n) for o, n in alternatives if o in source), None)
+        hit = next(((o, n) for o, n, *marker in alternatives if o in source and all(m in source for m in marker)), None)
         if hit is None or not any(t.endswith(".py") for t in tests):
             rows.append({"mutant": name, "group": group, "result": "not applicable"})
+        elif not compiles(source.replace(*hit, 1)):  # a test run would fail on the syntax, not on the mistake
+            rows.append({"mutant": name, "group": group, "result": "INVALID (does not compile)"})
         else:
             caught, secs = run_mutant(repo, file, *hit, tests, a.timeout, env)
             rows.append({"mutant": name, "group": group, "result": "caught" if caught else "SURVIVED",
                          "seconds": round(secs)})
         print(f"{rows[-1]['result']:14s} {name}", file=sys.stderr, flush=True)
-    applied = [r for r in rows if r["result"] != "not applicable"]
+    applied = [r for r in rows if r["result"] in ("caught", "SURVIVED")]
     survived = [r["mutant"] for r in applied if r["result"] == "SURVIVED"]
     md = [f"Mutants of `{repo.name}`: {len(applied)} applied, {len(applied) - len(survived)} caught, "
           f"{len(survived)} survived", "", "| mutant | group | result |", "| --- | --- | --- |"]

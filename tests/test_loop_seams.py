@@ -101,8 +101,8 @@ def spy_run(tmp_path, monkeypatch, *extra):
 
     switch = rfcl.switch_to_stage2
 
-    def switch_spy(state, online, *a):
-        offline, new_online = switch(state, online, *a)
+    def switch_spy(online, *a):
+        offline, new_online = switch(online, *a)
         seen["switch"].append((online.size, offline is online, new_online.size))
         return offline, new_online
 

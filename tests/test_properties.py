@@ -143,7 +143,7 @@ def spied_run(script, tmp_path, monkeypatch, *flags, sim_backend="cpu", scripted
 
         def start_spy(mask, eps, envs, stage, *a):
             obs = start_episodes(mask, eps, envs, stage, *a)
-            seen["starts"].append((stage, np.array(mask), eps.det.copy(), eps.horizon.copy(), eps.seed_idx.copy()))
+            seen["starts"].append((stage, np.array(mask), eps.policy_mean.copy(), eps.horizon.copy(), eps.seed_idx.copy()))
             return obs
         monkeypatch.setattr(rfcl, "start_episodes", start_spy)
     monkeypatch.chdir(tmp_path)
@@ -284,11 +284,12 @@ def test_a_stage2_start_clears_what_the_envs_previous_episode_left(tmp_path):
             self.seeds, self.states = np.array(seeds), states
             return np.zeros((len(mask), 1))
     eps, envs = rfcl.Episodes.empty(3), Envs()
-    eps.det[:], eps.once[:], eps.length[:], eps.ret[:], eps.horizon[:] = True, True, 7, 1.5, 20
+    eps.policy_mean[:], eps.success_once[:], eps.length[:], eps.episode_return[:], eps.horizon[:] = True, True, 7, 1.5, 20
     forward = rfcl.ForwardCurriculum(np.arange(4) + 100, temperature=1.0, staleness_coef=0.1, history=5,
                                      rng=np.random.default_rng(0))
     rfcl.start_episodes(np.ones(3, bool), eps, envs, 2, None, forward, None, rfcl.Args(max_episode_steps=50))
-    assert not eps.det.any() and not eps.once.any() and (eps.length == 0).all() and (eps.ret == 0).all()
+    assert not eps.policy_mean.any() and not eps.success_once.any() and (eps.length == 0).all() and (
+        eps.episode_return == 0).all()
     assert (eps.horizon == 50).all() and set(envs.seeds) <= set(range(100, 104)) and envs.states == [None] * 3
     np.testing.assert_array_equal(envs.seeds, forward.seeds[eps.seed_idx])
 

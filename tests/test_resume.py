@@ -80,7 +80,7 @@ def test_round_trip_restores_every_tensor_curriculum_field_generator_and_buffer(
     rng2 = np.random.default_rng(0)
     reverse2 = rfcl.ReverseCurriculum([20, 30, 25], 4, 3, 3.0, 0.9, rng2)
     forward2 = rfcl.ForwardCurriculum(np.arange(6) + 100, 0.1, 0.1, 5, rng2)
-    state2, key2, online2, offline2, loop2 = rfcl.restore(loaded, fresh, rng2, reverse2, forward2)
+    state2, key2, online2, offline2, loop2 = rfcl.restore(loaded, fresh, rng2, reverse2, forward2, "resumed")
     run2 = run_log.RunLog(tmp_path, run_log.SummaryWriter(str(tmp_path)), args.total_timesteps, args.log_freq, args.eval_freq,
                            args.save_freq, args.max_episode_steps, args.num_eval_episodes, args.capture_video, None, 3)
     run2.load_state_dict(loaded["run"], 64)
@@ -214,8 +214,8 @@ def run_in_process(module, argv, cwd, monkeypatch, keep=False):
     """module.main as `python module.py argv` in cwd; with keep, a copy of every resume state it writes."""
     original = run_files.save_resume_state
 
-    def save_and_keep(path, algorithm, script, config, step, stage, payload, **k):
-        original(path, algorithm, script, config, step, stage, payload, **k)
+    def save_and_keep(path, algorithm, script, config, step, payload, **k):
+        original(path, algorithm, script, config, step, payload, **k)
         shutil.copy(path, path.with_name(f"resume_{step}.state"))
 
     with monkeypatch.context() as m:
@@ -368,7 +368,7 @@ def test_target_success_ends_a_run_as_finished(demo_path, tmp_path, monkeypatch)
     import suite
 
     assert resume_error(rlpd, "--target-success", "1.5") == (
-        "error: --target-success is an eval success rate in [0, 1], got 1.5")
+        "error: --target-success must be in [0, 1], got 1.5")
     run_dir = tmp_path / "runs" / "t"
     run_in_process(rlpd, [*SMALL, "--eval-freq", "64", "--target-success", "0", "--target-evals", "2",
                           "--total-timesteps", "100000", "--exp-name", "t"], tmp_path, monkeypatch)
