@@ -46,128 +46,76 @@ SWITCH_STATE = "stage2_start.state"  # the resume state written at the stage swi
 # ======================================================================================================
 @dataclass
 class Args:
-    preset: Literal["fast", "sample-efficient"] = "fast"
-    """hyper-parameter preset (PRESETS); flags given override it (docs/rfcl.md, "Flags")"""
+    preset: Literal["fast", "sample-efficient"] = "fast"  # hyper-parameters (PRESETS); flags given override them
+    # run name: everything goes to runs/<exp-name>/ (default: <env-id>__rfcl__<seed>__<unix time>)
     exp_name: Optional[str] = None
-    """run name: everything goes to runs/<exp-name>/ (default: <env-id>__rfcl__<seed>__<unix time>)"""
-    seed: int = 1
-    """seed of networks, curricula and env seeds; CPU runs with the same seed repeat"""
-    track: bool = False
-    """also log to Weights & Biases"""
-    wandb_project_name: str = "rfcl-jax"
-    """W&B project, with --track"""
+    seed: int = 1  # seed of networks, curricula and env seeds; CPU runs with the same seed repeat
+    track: bool = False  # also log to Weights & Biases
+    wandb_project_name: str = "rfcl-jax"  # W&B project, with --track
 
     # environment
-    env_id: str = "PickCube-v1"
-    """ManiSkill3 environment id"""
-    obs_mode: Literal["state"] = "state"
-    """observation mode (flat state vectors)"""
-    control_mode: str = "pd_joint_delta_pos"
-    """ManiSkill controller; demos are converted to it"""
-    sim_backend: Literal["cpu", "gpu"] = "cpu"
-    """cpu: one simulator process per env; gpu: one ManiSkill GPU-batched env"""
-    num_envs: int = 8
-    """parallel training envs"""
-    num_eval_envs: int = 8
-    """parallel eval envs"""
-    max_episode_steps: Optional[int] = None
-    """length of stage-2 and eval episodes (default: the env's registered horizon)"""
-    render_size: int = 256
-    """side of eval video frames in pixels"""
+    env_id: str = "PickCube-v1"  # ManiSkill3 environment id
+    obs_mode: Literal["state"] = "state"  # observation mode (flat state vectors)
+    control_mode: str = "pd_joint_delta_pos"  # ManiSkill controller; demos are converted to it
+    sim_backend: Literal["cpu", "gpu"] = "cpu"  # cpu: one simulator process per env; gpu: one GPU-batched env
+    num_envs: int = 8  # parallel training envs
+    num_eval_envs: int = 8  # parallel eval envs
+    max_episode_steps: Optional[int] = None  # stage-2 and eval episode length (default: the env's registered one)
+    render_size: int = 256  # side of eval video frames in pixels
+    # physics of every env of the run and its demos: `ms2` (ManiSkill2's) or a JSON object of SimConfig fields
     sim_config: Optional[str] = None
-    """physics for every env of the run and its demos: `ms2` (ManiSkill2's) or a JSON object of SimConfig fields"""
 
     # demonstrations
-    num_demos: int = 5
-    """demonstrations to learn from (the first N of the file)"""
-    demo_action_scale: float = 1.0
-    """demo actions are multiplied by this, then clipped to [-1, 1]"""
-    dataset_path: Optional[str] = None
-    """ManiSkill trajectory .h5 (default: cached, else downloaded, else made by the motion planner)"""
+    num_demos: int = 5  # demonstrations to learn from (the first N of the file)
+    demo_action_scale: float = 1.0  # demo actions are multiplied by this, then clipped to [-1, 1]
+    dataset_path: Optional[str] = None  # ManiSkill trajectory .h5 (default: cached, else downloaded, else planned)
 
     # training loop
-    total_timesteps: int = 1_000_000
-    """env steps to train for"""
-    target_success: Optional[float] = None
-    """end the run once eval success_at_end reaches this in --target-evals evals in a row"""
-    target_evals: int = 3
-    """evals in a row at or above --target-success that end the run"""
-    num_seed_steps: int = 5_000
-    """env steps before updates start, in stage 1 (random actions) and again in stage 2 (the policy's)"""
-    steps_per_env: int = 4
-    """env steps per env between two update calls"""
-    grad_updates_per_step: int = 16
-    """gradient updates per update call"""
-    buffer_size: int = 1_000_000
-    """online replay buffer capacity (transitions)"""
-    eval_freq: int = 10_000
-    """evaluate every this many env steps"""
-    num_eval_episodes: int = 50
-    """eval episodes per evaluation (rounded up to a multiple of --num-eval-envs)"""
-    save_freq: int = 100_000
-    """save point every this many env steps: checkpoint, resume state, and every env starts a new episode"""
-    log_freq: int = 1_000
-    """write losses and charts every this many env steps"""
-    capture_video: bool = True
-    """save an mp4 of eval env 0's first episode at each evaluation"""
-    checkpoint: Optional[str] = None
-    """checkpoint to start a new run from (networks and temperature), or to evaluate with --evaluate"""
-    resume: Optional[str] = None
-    """continue the run in this directory exactly; only RESUME_FLAGS may be given beside it"""
-    fork: Optional[str] = None
-    """start a new run from another run's resume state (a run directory or a .state file); FORK_FIXED cannot change"""
-    evaluate: bool = False
-    """only evaluate --checkpoint (with video) and print the metrics"""
+    total_timesteps: int = 1_000_000  # env steps to train for
+    target_success: Optional[float] = None  # end once eval success_at_end reaches this in --target-evals evals in a row
+    target_evals: int = 3  # evals in a row at or above --target-success that end the run
+    num_seed_steps: int = 5_000  # env steps before updates start: random actions, and again after the stage switch
+    steps_per_env: int = 4  # env steps per env between two update calls
+    grad_updates_per_step: int = 16  # gradient updates per update call
+    buffer_size: int = 1_000_000  # online replay buffer capacity (transitions)
+    eval_freq: int = 10_000  # evaluate every this many env steps
+    num_eval_episodes: int = 50  # eval episodes per evaluation (rounded up to a multiple of --num-eval-envs)
+    save_freq: int = 100_000  # a save point every this many env steps (checkpoint, resume state, new episodes)
+    log_freq: int = 1_000  # write losses and charts every this many env steps
+    capture_video: bool = True  # save an mp4 of eval env 0's first episode at each evaluation
+    checkpoint: Optional[str] = None  # start a new run from this checkpoint's networks, or evaluate it (--evaluate)
+    resume: Optional[str] = None  # continue this run directory exactly; only RESUME_FLAGS may be given beside it
+    fork: Optional[str] = None  # a new run from another run's resume state (directory or .state); not FORK_FIXED
+    evaluate: bool = False  # only evaluate --checkpoint (with video) and print the metrics
 
     # SAC core
-    gamma: float = 0.9
-    """discount"""
-    tau: float = 0.005
-    """Polyak rate of the target critics, after every critic step"""
-    batch_size: int = 256
-    """rows per minibatch: exactly half online, half offline"""
-    learning_rate: float = 3e-4
-    """Adam learning rate of actor, critics and temperature"""
-    hidden_dims: tuple[int, ...] = (256, 256, 256)
-    """hidden layers of actor and critics"""
-    num_qs: int = 2
-    """critics in the ensemble"""
-    num_min_qs: int = 2
-    """critics drawn anew at each step whose min forms the target"""
-    actor_update_freq: int = 1
-    """actor and temperature step on every this-many-th critic step of the run"""
-    init_temperature: float = 0.01
-    """initial entropy temperature alpha (docs/rfcl.md: why not 1.0)"""
-    target_entropy_scale: float = 0.5
-    """target entropy = -scale * action_dim"""
-    backup_entropy: bool = False
-    """subtract alpha * log-prob in the critic target"""
+    gamma: float = 0.9  # discount
+    tau: float = 0.005  # Polyak rate of the target critics, after every critic step
+    batch_size: int = 256  # rows per minibatch: exactly half online, half offline
+    learning_rate: float = 3e-4  # Adam learning rate of actor, critics and temperature
+    hidden_dims: tuple[int, ...] = (256, 256, 256)  # hidden layers of actor and critics
+    num_qs: int = 2  # critics in the ensemble
+    num_min_qs: int = 2  # critics drawn anew at each step whose min forms the target
+    actor_update_freq: int = 1  # actor and temperature step on every this-many-th critic step of the run
+    init_temperature: float = 0.01  # initial entropy temperature alpha (docs/rfcl.md, "Flags": why not 1.0)
+    target_entropy_scale: float = 0.5  # target entropy = -scale * action_dim
+    backup_entropy: bool = False  # subtract alpha * log-prob in the critic target
+    # always: every transition bootstraps; truncated: env terminations end episodes and stop bootstrapping
     bootstrap_at_done: Literal["always", "truncated"] = "always"
-    """always: every transition bootstraps; truncated: env terminations end episodes and stop it"""
 
     # reverse curriculum (stage 1)
-    reverse_step_size: int = 4
-    """steps the start frontier t_i moves back after a full window of frontier successes"""
-    per_demo_buffer_size: int = 3
-    """consecutive frontier successes needed to move the frontier"""
-    demo_horizon_to_max_steps_ratio: float = 3.0
-    """stage-1 time limit = 16 + (T_i - start) // ratio"""
-    reverse_solved_frac: float = 0.9
-    """stage 1 ends when more than this fraction of demos is reverse-solved (< 0: at the first finished episode)"""
-    curriculum_success: Literal["once", "at_end"] = "once"
-    """a curriculum episode succeeds if it succeeds at any step (once) or at its last (at_end)"""
-    curriculum_policy: Literal["stochastic", "deterministic"] = "stochastic"
-    """frontier episodes act with sampled actions, or with the policy mean as eval does"""
+    reverse_step_size: int = 4  # steps the start frontier t_i moves back after a full window of frontier successes
+    per_demo_buffer_size: int = 3  # consecutive frontier successes needed to move the frontier
+    demo_horizon_to_max_steps_ratio: float = 3.0  # stage-1 time limit = 16 + (T_i - start) // ratio
+    reverse_solved_frac: float = 0.9  # stage 1 ends when more than this fraction of demos is reverse-solved
+    curriculum_success: Literal["once", "at_end"] = "once"  # episode success: at any step (once) or at its last
+    curriculum_policy: Literal["stochastic", "deterministic"] = "stochastic"  # frontier episodes: sampled or mean
 
     # forward curriculum (stage 2)
-    num_seeds: int = 1000
-    """initial-state seeds in the forward-curriculum pool"""
-    plr_temperature: float = 0.1
-    """rank-weight exponent: weight = 1 / rank^(1/temperature)"""
-    plr_staleness_coef: float = 0.1
-    """mix of staleness weights in the seed sampling distribution"""
-    plr_history: int = 5
-    """episodes remembered per seed for its score"""
+    num_seeds: int = 1000  # initial-state seeds in the forward-curriculum pool
+    plr_temperature: float = 0.1  # rank-weight exponent: weight = 1 / rank^(1/temperature)
+    plr_staleness_coef: float = 0.1  # mix of staleness weights in the seed sampling distribution
+    plr_history: int = 5  # episodes remembered per seed for its score
 
 
 # ======================================================================================================
@@ -180,8 +128,8 @@ class ReverseCurriculum:
     demo i all succeeded, t_i moves back by `step`; at t_i = 0 the demo is reverse-solved instead.
     """
 
-    # the authors' code (rfcl, ReverseCurriculumWrapper.sync_envs, "geometric" start-step sampler): start at
-    # t_i + k, k = 0..4 with these probabilities; and its time limit (InitialStateWrapper.step): 16 + steps left // ratio
+    # as the authors' code (rfcl: ReverseCurriculumWrapper.sync_envs, the "geometric" start-step sampler): start
+    # at t_i + k, k = 0..4, with these probabilities; horizon() is its InitialStateWrapper.step time limit
     OFFSETS = np.arange(5)
     OFFSET_PROBS = np.array([0.5, 0.25, 0.125, 0.0625, 0.0625])
 
@@ -623,10 +571,12 @@ def main(args: Args) -> None:
     if args.evaluate:
         return evaluate(args, physics)
     obs_dim, act_dim = vector_env.env_dims(args.env_id, args.obs_mode, args.control_mode, physics)  # no worker yet
-    ckpt = load_start_checkpoint(args, physics, obs_dim, act_dim)
-    run_dir, header, resumed, fork = start_state(args)
-    rng = np.random.default_rng(args.seed)
-    key = jax.random.PRNGKey(args.seed)
+    ckpt = args.checkpoint and run_files.load_run_checkpoint(  # checked against the networks built here
+        args.checkpoint, args.env_id, args.obs_mode, args.control_mode, physics, SCRIPT,
+        lambda o, a: networks(init_sac(args, o, a, jax.random.PRNGKey(0))[2]), (obs_dim, act_dim))
+    run_dir, header, resumed, fork = run_files.start_state(args.resume, args.fork, args.exp_name, ALGORITHM, SCRIPT,
+                                                           args.total_timesteps, dataclasses.asdict(args))
+    rng, key = np.random.default_rng(args.seed), jax.random.PRNGKey(args.seed)
 
     # ---- demos, envs, networks, buffers, curricula ------------------------------------------------------
     demos, demo_record = load_demos(args, header, physics, obs_dim, act_dim)
@@ -636,13 +586,11 @@ def main(args: Args) -> None:
                                      args.control_mode, args.render_size if args.capture_video else None, physics)
     key, k_init = jax.random.split(key)
     actor, critic, state = init_sac(args, obs_dim, act_dim, k_init)
-    if ckpt is not None:
+    if ckpt:
         state = with_networks(state, ckpt["networks"])
     _, _, update_many = make_update(args, actor, critic, act_dim)
     policy_train = jax.jit(partial(training_action, actor))
     policy_det = jax.jit(partial(deterministic_action, actor))
-    if args.demo_action_scale != 1.0:
-        demos.actions = np.clip(demos.actions * args.demo_action_scale, -1.0, 1.0).astype(demos.actions.dtype)
     offline = demo_buffer(demos, bootstrap_masks(demos.terminated, args.bootstrap_at_done))
     online = ReplayBuffer(args.buffer_size, obs_dim, act_dim)
     reverse = ReverseCurriculum(demos.lengths, args.reverse_step_size, args.per_demo_buffer_size,
@@ -728,11 +676,13 @@ def main(args: Args) -> None:
         done = stopping or global_step >= args.total_timesteps or run.target_reached
         loop = {"global_step": global_step, "stage": stage, "stage1_end_step": stage1_end_step,
                 "grad_updates": grad_updates}
-        if run.save_point(global_step, stopping, done, switched, lambda name: save_checkpoint(
-                run, args, state, name, global_step, obs_dim, act_dim, stage=stage, stage1_end_step=stage1_end_step,
-                **reverse.state_dict()),
-                lambda: save_resume_state(run, args, resume_state(state, key, rng, reverse, forward, online, offline,
-                                                                  loop, run), demo_record, fork, switched)) and not done:
+        saved = run.save_point(
+            global_step, stopping, done, switched,
+            lambda name: save_checkpoint(run, args, state, name, global_step, obs_dim, act_dim, stage=stage,
+                                         stage1_end_step=stage1_end_step, **reverse.state_dict()),
+            lambda: save_resume_state(run, args, resume_state(state, key, rng, reverse, forward, online, offline, loop,
+                                                              run), demo_record, fork, switched))
+        if saved and not done:
             obs = start_episodes(np.ones(n, bool), eps, envs, stage, reverse, forward, demos, args)  # as on resume
     run.finish(global_step, stop if stopping else None, stage=stage, stage1_end_step=stage1_end_step,
                grad_updates=grad_updates, forked_from=fork)
@@ -848,7 +798,8 @@ def load_actor(ckpt: dict):
 def evaluate(args: Args, physics: dict) -> dict:
     """--evaluate: the checkpoint's policy, built by the script that wrote it (so a copy's edited Actor is the one
     evaluated), on --num-eval-episodes eval episodes; metrics to runs/<exp-name>/eval.json and stdout."""
-    ckpt = run_files.load_run_checkpoint(args.checkpoint, args.env_id, args.obs_mode, args.control_mode, physics, SCRIPT)
+    ckpt = run_files.load_run_checkpoint(args.checkpoint, args.env_id, args.obs_mode, args.control_mode, physics,
+                                         SCRIPT)
     return run_files.evaluate_checkpoint(
         ckpt, args.checkpoint, run_files.new_run_dir(args.exp_name), lambda: vector_env.make_envs(
             args.env_id, args.num_eval_envs, args.sim_backend, args.obs_mode, args.control_mode,
@@ -856,33 +807,15 @@ def evaluate(args: Args, physics: dict) -> dict:
         dataclasses.asdict(args), args.max_episode_steps, args.num_eval_episodes, args.capture_video)
 
 
-def load_start_checkpoint(args: Args, physics: dict, obs_dim: int, act_dim: int) -> Optional[dict]:
-    """--checkpoint, checked against the env and against the networks this script builds with the run's flags."""
-    if not args.checkpoint:
-        return None
-    ckpt = run_files.load_run_checkpoint(args.checkpoint, args.env_id, args.obs_mode, args.control_mode, physics,
-                                         SCRIPT, lambda o, a: networks(init_sac(args, o, a, jax.random.PRNGKey(0))[2]))
-    if (int(ckpt["obs_dim"]), int(ckpt["act_dim"])) != (obs_dim, act_dim):
-        common.fail(f"{args.checkpoint} has obs/act dims {ckpt['obs_dim']}/{ckpt['act_dim']}; {args.env_id} has "
-                    f"{obs_dim}/{act_dim}")
-    return ckpt
-
-
-def start_state(args: Args) -> tuple[Path, dict, Optional[dict], Optional[dict]]:
-    """(run directory, header, payload, fork record) of the run: its own resume state with --resume (the directory
-    locked: one writer per run), another run's with --fork, none for a new run."""
-    run_dir = Path(args.resume) if args.resume else run_files.new_run_dir(args.exp_name)
-    if args.resume:
-        run_files.lock_run_dir(run_dir)
-    return run_dir, *run_files.load_start_state(run_dir, args.resume, args.fork, ALGORITHM, SCRIPT,
-                                                args.total_timesteps, dataclasses.asdict(args))
-
-
 def load_demos(args: Args, header: dict, physics: dict, obs_dim: int, act_dim: int):
-    """The demos with their env states (a resumed run: the same ones it began with), and their record."""
-    demos, path, record = run_files.load_run_demos(header, args.env_id, args.obs_mode, args.control_mode, args.num_demos,
-                                                   args.dataset_path, physics, (obs_dim, act_dim), env_states=True)
+    """The demos with their env states (a resumed run: the same ones it began with), their actions scaled by
+    --demo-action-scale, and their record."""
+    demos, path, record = run_files.load_run_demos(header, args.env_id, args.obs_mode, args.control_mode,
+                                                   args.num_demos, args.dataset_path, physics, (obs_dim, act_dim),
+                                                   env_states=True)
     print(f"{demos.num_trajectories} demos from {path} (lengths {demos.lengths.tolist()})", flush=True)
+    if args.demo_action_scale != 1.0:
+        demos.actions = np.clip(demos.actions * args.demo_action_scale, -1.0, 1.0).astype(demos.actions.dtype)
     return demos, record
 
 

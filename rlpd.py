@@ -43,102 +43,62 @@ SCRIPT = str(Path(__file__).resolve())
 # ======================================================================================================
 @dataclass
 class Args:
-    preset: Literal["walltime", "sample-efficient"] = "walltime"
-    """hyper-parameter preset (PRESETS); flags given override it (docs/rlpd.md, "Flags")"""
+    preset: Literal["walltime", "sample-efficient"] = "walltime"  # hyper-parameters (PRESETS); flags override them
+    # run name: everything goes to runs/<exp-name>/ (default: <env-id>__rlpd__<seed>__<unix time>)
     exp_name: Optional[str] = None
-    """run name: everything goes to runs/<exp-name>/ (default: <env-id>__rlpd__<seed>__<unix time>)"""
-    seed: int = 1
-    """seed of networks and env seeds; CPU runs with the same seed repeat"""
-    track: bool = False
-    """also log to Weights & Biases"""
-    wandb_project_name: str = "rlpd-jax"
-    """W&B project, with --track"""
+    seed: int = 1  # seed of networks and env seeds; CPU runs with the same seed repeat
+    track: bool = False  # also log to Weights & Biases
+    wandb_project_name: str = "rlpd-jax"  # W&B project, with --track
 
     # environment
-    env_id: str = "PickCube-v1"
-    """ManiSkill3 environment id"""
-    obs_mode: Literal["state"] = "state"
-    """observation mode (flat state vectors)"""
-    control_mode: str = "pd_joint_delta_pos"
-    """ManiSkill controller; demos are converted to it"""
-    sim_backend: Literal["cpu", "gpu"] = "cpu"
-    """cpu: one simulator process per env; gpu: one ManiSkill GPU-batched env"""
-    num_envs: int = 8
-    """parallel training envs"""
-    num_eval_envs: int = 8
-    """parallel eval envs"""
-    max_episode_steps: Optional[int] = None
-    """length of training and eval episodes (default: the env's registered horizon)"""
-    render_size: int = 256
-    """side of eval video frames in pixels"""
+    env_id: str = "PickCube-v1"  # ManiSkill3 environment id
+    obs_mode: Literal["state"] = "state"  # observation mode (flat state vectors)
+    control_mode: str = "pd_joint_delta_pos"  # ManiSkill controller; demos are converted to it
+    sim_backend: Literal["cpu", "gpu"] = "cpu"  # cpu: one simulator process per env; gpu: one GPU-batched env
+    num_envs: int = 8  # parallel training envs
+    num_eval_envs: int = 8  # parallel eval envs
+    max_episode_steps: Optional[int] = None  # training and eval episode length (default: the env's registered one)
+    render_size: int = 256  # side of eval video frames in pixels
+    # physics of every env of the run and its demos: `ms2` (ManiSkill2's) or a JSON object of SimConfig fields
     sim_config: Optional[str] = None
-    """physics for every env of the run and its demos: `ms2` (ManiSkill2's) or a JSON object of SimConfig fields"""
 
     # demonstrations
-    num_demos: int = 100
-    """demonstrations to learn from (the first N of the file; failed ones are used as they are)"""
-    dataset_path: Optional[str] = None
-    """ManiSkill trajectory .h5 (default: cached, else downloaded, else made by the motion planner)"""
+    num_demos: int = 100  # demonstrations to learn from (the first N of the file; failed ones as they are)
+    dataset_path: Optional[str] = None  # ManiSkill trajectory .h5 (default: cached, else downloaded, else planned)
 
     # training loop
-    total_timesteps: int = 1_000_000
-    """env steps to train for"""
-    target_success: Optional[float] = None
-    """end the run once eval success_at_end reaches this in --target-evals evals in a row"""
-    target_evals: int = 3
-    """evals in a row at or above --target-success that end the run"""
-    num_seed_steps: int = 5_000
-    """env steps of uniform random actions before updates start"""
-    steps_per_env: int = 4
-    """env steps per env between two update calls"""
-    grad_updates_per_step: int = 16
-    """gradient updates per update call"""
-    buffer_size: int = 1_000_000
-    """online replay buffer capacity (transitions)"""
-    eval_freq: int = 10_000
-    """evaluate every this many env steps"""
-    num_eval_episodes: int = 50
-    """eval episodes per evaluation (rounded up to a multiple of --num-eval-envs)"""
-    save_freq: int = 100_000
-    """save point every this many env steps: checkpoint, resume state, and every env starts a new episode"""
-    log_freq: int = 1_000
-    """write losses and charts every this many env steps"""
-    capture_video: bool = True
-    """save an mp4 of eval env 0's first episode at each evaluation"""
-    checkpoint: Optional[str] = None
-    """checkpoint to start a new run from (networks and temperature), or to evaluate with --evaluate"""
-    resume: Optional[str] = None
-    """continue the run in this directory exactly; only RESUME_FLAGS may be given beside it"""
-    fork: Optional[str] = None
-    """start a new run from another run's resume state (a run directory or a .state file); FORK_FIXED cannot change"""
-    evaluate: bool = False
-    """only evaluate --checkpoint (with video) and print the metrics"""
+    total_timesteps: int = 1_000_000  # env steps to train for
+    target_success: Optional[float] = None  # end once eval success_at_end reaches this in --target-evals evals in a row
+    target_evals: int = 3  # evals in a row at or above --target-success that end the run
+    num_seed_steps: int = 5_000  # env steps of uniform random actions before updates start
+    steps_per_env: int = 4  # env steps per env between two update calls
+    grad_updates_per_step: int = 16  # gradient updates per update call
+    buffer_size: int = 1_000_000  # online replay buffer capacity (transitions)
+    eval_freq: int = 10_000  # evaluate every this many env steps
+    num_eval_episodes: int = 50  # eval episodes per evaluation (rounded up to a multiple of --num-eval-envs)
+    save_freq: int = 100_000  # a save point every this many env steps (checkpoint, resume state, new episodes)
+    log_freq: int = 1_000  # write losses and charts every this many env steps
+    capture_video: bool = True  # save an mp4 of eval env 0's first episode at each evaluation
+    checkpoint: Optional[str] = None  # start a new run from this checkpoint's networks, or evaluate it (--evaluate)
+    resume: Optional[str] = None  # continue this run directory exactly; only RESUME_FLAGS may be given beside it
+    fork: Optional[str] = None  # a new run from another run's resume state (directory or .state); not FORK_FIXED
+    evaluate: bool = False  # only evaluate --checkpoint (with video) and print the metrics
 
     # SAC core
-    gamma: float = 0.9
-    """discount"""
-    tau: float = 0.005
-    """Polyak rate of the target critics, after every critic step"""
-    batch_size: int = 256
-    """rows per minibatch: exactly half online, half offline"""
-    learning_rate: float = 3e-4
-    """Adam learning rate of actor, critics and temperature"""
-    hidden_dims: tuple[int, ...] = (256, 256, 256)
-    """hidden layers of actor and critics"""
-    num_qs: int = 2
-    """critics in the ensemble"""
-    num_min_qs: int = 2
-    """critics drawn anew at each step whose min forms the target"""
-    actor_update_freq: int = 1
-    """actor and temperature step on every this-many-th critic step of the run"""
-    init_temperature: float = 0.01
-    """initial entropy temperature alpha (docs/rlpd.md: why not 1.0)"""
-    target_entropy_scale: float = 0.5
-    """target entropy = -scale * action_dim"""
-    backup_entropy: bool = False
-    """subtract alpha * log-prob in the critic target"""
+    gamma: float = 0.9  # discount
+    tau: float = 0.005  # Polyak rate of the target critics, after every critic step
+    batch_size: int = 256  # rows per minibatch: exactly half online, half offline
+    learning_rate: float = 3e-4  # Adam learning rate of actor, critics and temperature
+    hidden_dims: tuple[int, ...] = (256, 256, 256)  # hidden layers of actor and critics
+    num_qs: int = 2  # critics in the ensemble
+    num_min_qs: int = 2  # critics drawn anew at each step whose min forms the target
+    actor_update_freq: int = 1  # actor and temperature step on every this-many-th critic step of the run
+    init_temperature: float = 0.01  # initial entropy temperature alpha (docs/rlpd.md, "Flags": why not 1.0)
+    target_entropy_scale: float = 0.5  # target entropy = -scale * action_dim
+    backup_entropy: bool = False  # subtract alpha * log-prob in the critic target
+    # always: every transition bootstraps; truncated: env terminations end episodes and stop bootstrapping
     bootstrap_at_done: Literal["always", "truncated"] = "always"
-    """always: every transition bootstraps; truncated: env terminations end episodes and stop it"""
+
 
 
 # ======================================================================================================
@@ -419,10 +379,12 @@ def main(args: Args) -> None:
     if args.evaluate:
         return evaluate(args, physics)
     obs_dim, act_dim = vector_env.env_dims(args.env_id, args.obs_mode, args.control_mode, physics)  # no worker yet
-    ckpt = load_start_checkpoint(args, physics, obs_dim, act_dim)
-    run_dir, header, resumed, fork = start_state(args)
-    rng = np.random.default_rng(args.seed)
-    key = jax.random.PRNGKey(args.seed)
+    ckpt = args.checkpoint and run_files.load_run_checkpoint(  # checked against the networks built here
+        args.checkpoint, args.env_id, args.obs_mode, args.control_mode, physics, SCRIPT,
+        lambda o, a: networks(init_sac(args, o, a, jax.random.PRNGKey(0))[2]), (obs_dim, act_dim))
+    run_dir, header, resumed, fork = run_files.start_state(args.resume, args.fork, args.exp_name, ALGORITHM, SCRIPT,
+                                                           args.total_timesteps, dataclasses.asdict(args))
+    rng, key = np.random.default_rng(args.seed), jax.random.PRNGKey(args.seed)
 
     # ---- demos (observations, actions and success only), envs, networks, buffers ---------------------------
     demos, demo_record = load_demos(args, header, physics, obs_dim, act_dim)
@@ -432,7 +394,7 @@ def main(args: Args) -> None:
                                      args.control_mode, args.render_size if args.capture_video else None, physics)
     key, k_init = jax.random.split(key)
     actor, critic, state = init_sac(args, obs_dim, act_dim, k_init)
-    if ckpt is not None:
+    if ckpt:
         state = with_networks(state, ckpt["networks"])
     _, _, update_many = make_update(args, actor, critic, act_dim)
     policy_sample = jax.jit(partial(sample_action, actor))
@@ -498,10 +460,11 @@ def main(args: Args) -> None:
         stopping = bool(stop)  # a signal stops the run here, at an iteration boundary
         done = stopping or global_step >= args.total_timesteps or run.target_reached
         loop = {"global_step": global_step, "grad_updates": grad_updates}
-        if run.save_point(global_step, stopping, done, False, lambda name: save_checkpoint(
-                run, args, state, name, global_step, obs_dim, act_dim),
-                lambda: save_resume_state(run, args, resume_state(state, key, rng, online, loop, run), demo_record,
-                                          fork)) and not done:
+        saved = run.save_point(
+            global_step, stopping, done, False,
+            lambda name: save_checkpoint(run, args, state, name, global_step, obs_dim, act_dim),
+            lambda: save_resume_state(run, args, resume_state(state, key, rng, online, loop, run), demo_record, fork))
+        if saved and not done:
             obs = start_episodes(np.ones(n, bool), eps, envs, rng)  # as on resume
     run.finish(global_step, stop if stopping else None, grad_updates=grad_updates, forked_from=fork)
     envs.close(now=stopping)
@@ -609,7 +572,8 @@ def load_actor(ckpt: dict):
 def evaluate(args: Args, physics: dict) -> dict:
     """--evaluate: the checkpoint's policy, built by the script that wrote it (so a copy's edited Actor is the one
     evaluated), on --num-eval-episodes eval episodes; metrics to runs/<exp-name>/eval.json and stdout."""
-    ckpt = run_files.load_run_checkpoint(args.checkpoint, args.env_id, args.obs_mode, args.control_mode, physics, SCRIPT)
+    ckpt = run_files.load_run_checkpoint(args.checkpoint, args.env_id, args.obs_mode, args.control_mode, physics,
+                                         SCRIPT)
     return run_files.evaluate_checkpoint(
         ckpt, args.checkpoint, run_files.new_run_dir(args.exp_name), lambda: vector_env.make_envs(
             args.env_id, args.num_eval_envs, args.sim_backend, args.obs_mode, args.control_mode,
@@ -617,32 +581,11 @@ def evaluate(args: Args, physics: dict) -> dict:
         dataclasses.asdict(args), args.max_episode_steps, args.num_eval_episodes, args.capture_video)
 
 
-def load_start_checkpoint(args: Args, physics: dict, obs_dim: int, act_dim: int) -> Optional[dict]:
-    """--checkpoint, checked against the env and against the networks this script builds with the run's flags."""
-    if not args.checkpoint:
-        return None
-    ckpt = run_files.load_run_checkpoint(args.checkpoint, args.env_id, args.obs_mode, args.control_mode, physics,
-                                         SCRIPT, lambda o, a: networks(init_sac(args, o, a, jax.random.PRNGKey(0))[2]))
-    if (int(ckpt["obs_dim"]), int(ckpt["act_dim"])) != (obs_dim, act_dim):
-        common.fail(f"{args.checkpoint} has obs/act dims {ckpt['obs_dim']}/{ckpt['act_dim']}; {args.env_id} has "
-                    f"{obs_dim}/{act_dim}")
-    return ckpt
-
-
-def start_state(args: Args) -> tuple[Path, dict, Optional[dict], Optional[dict]]:
-    """(run directory, header, payload, fork record) of the run: its own resume state with --resume (the directory
-    locked: one writer per run), another run's with --fork, none for a new run."""
-    run_dir = Path(args.resume) if args.resume else run_files.new_run_dir(args.exp_name)
-    if args.resume:
-        run_files.lock_run_dir(run_dir)
-    return run_dir, *run_files.load_start_state(run_dir, args.resume, args.fork, ALGORITHM, SCRIPT,
-                                                args.total_timesteps, dataclasses.asdict(args))
-
-
 def load_demos(args: Args, header: dict, physics: dict, obs_dim: int, act_dim: int):
     """The demos' transitions (a resumed run: the same ones it began with), and their record."""
-    demos, path, record = run_files.load_run_demos(header, args.env_id, args.obs_mode, args.control_mode, args.num_demos,
-                                                   args.dataset_path, physics, (obs_dim, act_dim), env_states=False)
+    demos, path, record = run_files.load_run_demos(header, args.env_id, args.obs_mode, args.control_mode,
+                                                   args.num_demos, args.dataset_path, physics, (obs_dim, act_dim),
+                                                   env_states=False)
     print(f"{demos.num_trajectories} demos from {path} ({int(sum(e.get('success', True) for e in demos.episodes))} "
           f"successful, {len(demos.rewards)} transitions)", flush=True)
     return demos, record

@@ -199,17 +199,21 @@ def fork_record(path: Path, header: dict, config: dict) -> dict:
             "global_step": header["global_step"], "changed": changed}
 
 
-def load_start_state(run_dir: Path, resume: Optional[str], fork: Optional[str], algorithm: str, script: str,
-                     total_timesteps: int, config: dict) -> tuple[dict, Optional[dict], Optional[dict]]:
-    """(header, payload, fork record) of the state a run starts from: its own resume state (--resume), another run's
-    (--fork: fork_record of it), or none (a new run: {}, None, None). A resumed fork keeps its fork record."""
+def start_state(resume: Optional[str], fork: Optional[str], exp_name: str, algorithm: str, script: str,
+                total_timesteps: int, config: dict) -> tuple[Path, dict, Optional[dict], Optional[dict]]:
+    """(run directory, header, payload, fork record) a run starts from: its own resume state with --resume (the
+    directory locked: one writer per run), another run's with --fork (fork_record of it), none for a new run
+    (runs/<exp-name>, made by make_run_dir once everything is checked). A resumed fork keeps its fork record."""
     if resume:
+        run_dir = Path(resume)
+        lock_run_dir(run_dir)
         header, payload = load_resume_state(run_dir / RESUME_FILE, algorithm, script, total_timesteps)
-        return header, payload, header.get("fork")
+        return run_dir, header, payload, header.get("fork")
+    run_dir = new_run_dir(exp_name)
     if fork:
         header, payload = load_resume_state(fork_state_path(fork), algorithm, None, total_timesteps)
-        return header, payload, fork_record(fork_state_path(fork), header, config)
-    return {}, None, None
+        return run_dir, header, payload, fork_record(fork_state_path(fork), header, config)
+    return run_dir, {}, None, None
 
 
 def load_run_demos(header: dict, env_id: str, obs_mode: str, control_mode: str, num_demos: int,
@@ -278,11 +282,15 @@ def load_checkpoint(path: str) -> dict:
 
 
 def load_run_checkpoint(path: str, env_id: str, obs_mode: str, control_mode: str, sim_config: dict, script: str,
-                        networks_like: Optional[Callable[[int, int], dict]] = None) -> dict:
+                        networks_like: Optional[Callable[[int, int], dict]] = None,
+                        dims: Optional[tuple[int, int]] = None) -> dict:
     """--checkpoint of a run, read and checked before anything is built: trained with the run's env id, modes and
-    physics (--sim-config), and (given `networks_like(obs_dim, act_dim)`, the networks `script` builds with the run's
-    flags, as shapes) holding networks of that tree and shapes. Each mismatch is one line."""
+    physics (--sim-config), for the env's (obs_dim, act_dim) `dims` if given, and (given `networks_like(obs_dim,
+    act_dim)`, the networks `script` builds with the run's flags, as shapes) holding networks of that tree and
+    shapes. Each mismatch is one line."""
     ckpt = load_checkpoint(path)
+    if dims is not None and (int(ckpt["obs_dim"]), int(ckpt["act_dim"])) != tuple(dims):
+        fail(f"{path} has obs/act dims {ckpt['obs_dim']}/{ckpt['act_dim']}; {env_id} has {dims[0]}/{dims[1]}")
     for flag, want in (("env-id", env_id), ("control-mode", control_mode), ("obs-mode", obs_mode)):
         if ckpt[flag.replace("-", "_")] != want:
             fail(f"{path} was trained with --{flag} {ckpt[flag.replace('-', '_')]}, not {want}; pass the same")

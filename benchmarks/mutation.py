@@ -205,8 +205,8 @@ MUTANTS += [
        '"masks": bootstrap_masks(terminated | (eps.length >= eps.horizon), args.bootstrap_at_done)})')]),
     # a checkpoint holds the weights the run had at that step
     ("rlpd.py: checkpoints hold the networks the run started with", "checkpoints",
-     [("lambda name: save_checkpoint(\n                run, args, state, name",
-       "lambda name, state=init_sac(args, obs_dim, act_dim, k_init)[2]: save_checkpoint(\n                run, args, state, name"),
+     [("lambda name: save_checkpoint(run, args, state, name",
+       "lambda name, state=init_sac(args, obs_dim, act_dim, k_init)[2]: save_checkpoint(run, args, state, name"),
       ("    def save_checkpoint(name: str) -> None:", "    def save_checkpoint(name: str, state=state) -> None:")],
      "rlpd.py"),
     ("rfcl.py: checkpoints store the target critics as the critics", "checkpoints",

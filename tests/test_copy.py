@@ -166,7 +166,8 @@ def test_a_copy_that_adds_a_network_keeps_it_in_every_checkpoint_and_tool(demo_p
     assert all(np.array_equal(a, b) for a, b in zip(leaves(nets["aux_params"]), leaves(saved)))
 
     # --checkpoint with another seed: the new run holds the loaded head, not its own fresh one
-    copy.main(copy.parse_args([*flags, "--exp-name", "b", "--seed", "7", "--checkpoint", final]))
+    copy.main(copy.parse_args([*flags, "--exp-name", "b", "--seed", "7", "--checkpoint", final, "--total-timesteps",
+                               "16"]))  # no update: the head is the one loaded
     again = run_files.load_checkpoint(str(tmp_path / "runs" / "b" / "checkpoints" / "final.ckpt"))["networks"]
     assert all(np.array_equal(a, b) for a, b in zip(leaves(again["aux_params"]), leaves(nets["aux_params"])))
     obs_dim = nets["actor_params"]["Dense_0"]["kernel"].shape[0]
