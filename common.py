@@ -338,7 +338,7 @@ def evaluate(envs, act_fn, max_episode_steps: int, num_episodes: int, video_path
     n = envs.num_envs
     rounds = -(-num_episodes // n)
     once, at_end, returns = [], [], []
-    envs.prepare(10**6 + np.arange(rounds * n))  # GPU: each eval seed's initial state fixed once, then reused
+    envs.fix_initial_states(10**6 + np.arange(rounds * n))  # GPU: each eval seed's initial state fixed once, then reused
     for r in range(rounds):
         stop_signals.exit_if_signalled()  # --evaluate: a Ctrl-C whose exit was dropped ends it here
         seeds = 10**6 + r * n + np.arange(n)

@@ -607,7 +607,7 @@ def main(args: Args) -> None:
         state, min(args.total_timesteps, args.buffer_size), obs_dim, act_dim))
 
     n = args.num_envs
-    envs.prepare(forward.seeds)  # GPU: each pool seed's initial state, fixed once in batched resets
+    envs.fix_initial_states(forward.seeds)  # GPU: each pool seed's initial state, fixed once in batched resets
     eps = Episodes.empty(n)
     obs = start_episodes(np.ones(n, bool), eps, envs, stage, reverse, forward, demos, args)
     done = False
@@ -680,8 +680,8 @@ def main(args: Args) -> None:
             global_step, stopping, done, switched,
             lambda name: save_checkpoint(run, args, state, name, global_step, obs_dim, act_dim, stage=stage,
                                          stage1_end_step=stage1_end_step, **reverse.state_dict()),
-            lambda: save_resume_state(run, args, resume_state(state, key, rng, reverse, forward, online, offline, loop,
-                                                              run), demo_record, fork, switched))
+            lambda: save_resume_state(run, args, resume_payload(state, key, rng, reverse, forward, online, offline,
+                                                                loop, run), demo_record, fork, switched))
         if saved and not done:
             obs = start_episodes(np.ones(n, bool), eps, envs, stage, reverse, forward, demos, args)  # as on resume
     run.finish(global_step, stop if stopping else None, stage=stage, stage1_end_step=stage1_end_step,
@@ -851,7 +851,7 @@ def stage1_done(run: run_log.RunLog, args: Args, state: SACState, reverse: Rever
                f"forward curriculum begins")
 
 
-def resume_state(state: SACState, key, rng, reverse: ReverseCurriculum, forward: ForwardCurriculum,
+def resume_payload(state: SACState, key, rng, reverse: ReverseCurriculum, forward: ForwardCurriculum,
                  online: ReplayBuffer, offline: ReplayBuffer, loop: dict, run: run_log.RunLog) -> dict:
     """What --resume restores: the learner with its optimizer states, the JAX key, the numpy generator (random
     actions, curriculum draws), both curricula, both buffers (filled part), the loop counters and the schedule.
@@ -874,7 +874,7 @@ def save_resume_state(run: run_log.RunLog, args: Args, payload: dict, demo_recor
 
 
 def restore(saved: dict, state: SACState, rng, reverse: ReverseCurriculum, forward: ForwardCurriculum, how: str):
-    """The inverse of resume_state: loads the curricula and the generator in place and returns
+    """The inverse of resume_payload: loads the curricula and the generator in place and returns
     (state, key, online, offline, loop)."""
     state = jax.tree_util.tree_map(jnp.asarray, serialization.from_state_dict(state, saved["sac"]))
     rng.bit_generator.state = json.loads(saved["rng"])

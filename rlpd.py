@@ -463,7 +463,7 @@ def main(args: Args) -> None:
         saved = run.save_point(
             global_step, stopping, done, False,
             lambda name: save_checkpoint(run, args, state, name, global_step, obs_dim, act_dim),
-            lambda: save_resume_state(run, args, resume_state(state, key, rng, online, loop, run), demo_record, fork))
+            lambda: save_resume_state(run, args, resume_payload(state, key, rng, online, loop, run), demo_record, fork))
         if saved and not done:
             obs = start_episodes(np.ones(n, bool), eps, envs, rng)  # as on resume
     run.finish(global_step, stop if stopping else None, grad_updates=grad_updates, forked_from=fork)
@@ -613,7 +613,7 @@ def save_checkpoint(run: run_log.RunLog, args: Args, state: SACState, name: str,
                               networks(state), step, extra)
 
 
-def resume_state(state: SACState, key, rng, online: ReplayBuffer, loop: dict, run: run_log.RunLog) -> dict:
+def resume_payload(state: SACState, key, rng, online: ReplayBuffer, loop: dict, run: run_log.RunLog) -> dict:
     """What --resume restores: the learner with its optimizer states, the JAX key, the numpy generator (random
     actions, training seeds), the online buffer (filled part), the loop counters and the schedule. The offline
     buffer is rebuilt from the demos. No simulator or episode state: every env starts a new episode at a save point
@@ -629,7 +629,7 @@ def save_resume_state(run: run_log.RunLog, args: Args, payload: dict, demo_recor
 
 
 def restore(saved: dict, state: SACState, rng, how: str):
-    """The inverse of resume_state: loads the generator in place and returns (state, key, online, loop)."""
+    """The inverse of resume_payload: loads the generator in place and returns (state, key, online, loop)."""
     state = jax.tree_util.tree_map(jnp.asarray, serialization.from_state_dict(state, saved["sac"]))
     rng.bit_generator.state = json.loads(saved["rng"])
     online = ReplayBuffer.from_state_dict(saved["online"])

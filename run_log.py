@@ -110,12 +110,12 @@ class RunLog:
         return step - self.last[what] >= self.freq[what] or (what == "eval" and step >= self.total)
 
     def save_point(self, step: int, stopping: bool, done: bool, force: bool, checkpoint: Callable[[str], None],
-                   resume_state: Callable[[], None]) -> bool:
+                   write_resume_state: Callable[[], None]) -> bool:
         """Checkpoints every save_freq env steps and at a stop signal (checkpoint("step_<step>.ckpt")) and at the
         end (checkpoint("final.ckpt")); then, at those and wherever `force` (e.g. RFCL's stage switch), a save point:
-        tensorboard flushed, then resume_state() writes the state a --resume continues from. Returns whether it made
-        a save point: the script then starts a new episode in every env, as a resumed run does (a resume state holds
-        no simulator state), so that the run that goes on and a resumed one go on identically."""
+        tensorboard flushed, then write_resume_state() writes the state a --resume continues from. Returns whether
+        it made a save point: the script then starts a new episode in every env, as a resumed run does (a resume
+        state holds no simulator state), so that the run that goes on and a resumed one go on identically."""
         saving = self.due("save", step)
         if saving:
             self.last["save"] = step
@@ -127,7 +127,7 @@ class RunLog:
             return False
         self.writer.flush()  # tensorboard holds every step up to here before the state that resumes after it
         with self.timed("save"):
-            resume_state()
+            write_resume_state()
         return True
 
     def log(self, step: int, scalars: dict, **postfix) -> None:

@@ -200,7 +200,7 @@ class CPUEnvs:
     def video(self, start=False, save_path=None):
         self.envs.call("video", start=start, save_path=save_path)
 
-    def prepare(self, seeds) -> None:
+    def fix_initial_states(self, seeds) -> None:
         """Nothing to fix: a CPU env draws a seed's initial state from that seed alone (GPUEnvs.prepare)."""
 
     def close(self, now: bool = False):
@@ -233,7 +233,7 @@ class GPUEnvs:
         self.device = self.base.device
         self.obs = None
 
-    def prepare(self, seeds) -> None:
+    def fix_initial_states(self, seeds) -> None:
         """Fix the initial state of each of `seeds` (the forward curriculum's pool, the eval seeds): generate them in
         batched resets, num_envs seeds per call in the given order, and keep each env's state and observation.
         ManiSkill draws all envs of one reset call from one stream (seeded with the first env's seed), so without
@@ -250,7 +250,7 @@ class GPUEnvs:
 
     def reset(self, mask, seeds, states=None):
         """At most two reset calls however many envs reset: one that restores states (given ones, and those of
-        seeds whose initial state `prepare` fixed) with reset_to_env_states, and one seeded call for the rest
+        seeds whose initial state `fix_initial_states` fixed) with reset_to_env_states, and one seeded call for the rest
         (seeds without a fixed state, e.g. RLPD's training episodes). Given states reach the GPU in one copy per
         leaf of the state dict."""
         idx = np.flatnonzero(mask)

@@ -69,7 +69,7 @@ def main(a: Args) -> dict:
         loop = {"global_step": 1_150_000, "stage": 2, "stage1_end_step": 150_000, "grad_updates": 0}
         path = Path(tmp) / common.RESUME_FILE
         t0 = time.time()
-        payload = rfcl.resume_state(state, jax.random.PRNGKey(1), rng, reverse, forward, online, offline, loop, run)
+        payload = rfcl.resume_payload(state, jax.random.PRNGKey(1), rng, reverse, forward, online, offline, loop, run)
         t_snapshot = time.time() - t0
         t0 = time.time()
         run_files.save_resume_state(path, "rfcl", rfcl.SCRIPT, dataclasses.asdict(args), 1_150_000, payload)

@@ -32,7 +32,7 @@ def test_gpu_envs_reset_to_demo_states_and_seeds_repeat(gpu_on_cpu_physics, demo
             k = int(np.flatnonzero(demos.traj_end)[i - 1] + 1 if i else 0) + t
             nxt, _, _ = envs.step(demos.actions[k:k + 1])
             np.testing.assert_allclose(np.asarray(nxt)[0], demos.traj_obs[i][t + 1], atol=2e-3)  # as on CPU
-        envs.prepare([11, 12])
+        envs.fix_initial_states([11, 12])
         first = {s: np.asarray(envs.reset(np.ones(1, bool), np.array([s])))[0] for s in (11, 12)}
         envs.step(np.zeros((1, envs.act_dim), np.float32))
         for s in (12, 11):

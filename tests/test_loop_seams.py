@@ -257,7 +257,7 @@ class FakeEvalEnvs:
     def __init__(self):
         self.seeds, self.video_calls, self.t, self.prepared = [], [], 0, []
 
-    def prepare(self, seeds):
+    def fix_initial_states(self, seeds):
         self.prepared.append(list(seeds))
 
     def reset(self, mask, seeds):

@@ -67,7 +67,7 @@ def test_round_trip_restores_every_tensor_curriculum_field_generator_and_buffer(
     run.last["log"] = 64
     loop = {"global_step": 64, "stage": 1, "stage1_end_step": None, "grad_updates": 3}
     key = jax.random.PRNGKey(7)
-    saved = rfcl.resume_state(state, key, rng, reverse, forward, online, offline, loop, run)
+    saved = rfcl.resume_payload(state, key, rng, reverse, forward, online, offline, loop, run)
 
     path = tmp_path / common.RESUME_FILE
     run_files.save_resume_state(path, "rfcl", rfcl.SCRIPT, dataclasses.asdict(args), 64, saved)
@@ -84,7 +84,7 @@ def test_round_trip_restores_every_tensor_curriculum_field_generator_and_buffer(
     run2 = run_log.RunLog(tmp_path, run_log.SummaryWriter(str(tmp_path)), args.total_timesteps, args.log_freq, args.eval_freq,
                            args.save_freq, args.max_episode_steps, args.num_eval_episodes, args.capture_video, None, 3)
     run2.load_state_dict(loaded["run"], 64)
-    assert_same_tree(saved, rfcl.resume_state(state2, key2, rng2, reverse2, forward2, online2, offline2, loop2, run2))
+    assert_same_tree(saved, rfcl.resume_payload(state2, key2, rng2, reverse2, forward2, online2, offline2, loop2, run2))
     # beyond the snapshot: whole buffers (capacity, ring position), deques' lengths, what the generator draws next
     for a, b in ((online, online2), (offline, offline2)):
         assert (a.capacity, a.ptr, a.size) == (b.capacity, b.ptr, b.size)

@@ -190,7 +190,7 @@ def test_gpu_resets_take_one_call_per_round_and_a_seed_keeps_its_initial_state(n
     reset in one seeded call; envs outside the mask keep their observation."""
     g, fake = fake_gpu_envs(n)
     pool = 10_000 + np.arange(2 * n + 3)
-    g.prepare(pool)
+    g.fix_initial_states(pool)
     assert [c[0] for c in fake.calls] == ["seeded"] * 3, "n seeds per call"
     fixed = {int(s): g.table[int(s)][1].clone() for s in pool}
     assert len({float(v[0]) for v in fixed.values()}) == len(pool), "every seed its own state"
