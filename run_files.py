@@ -289,28 +289,33 @@ def load_run_checkpoint(path: str, env_id: str, obs_mode: str, control_mode: str
     act_dim)`, the networks `script` builds with the run's flags, as shapes) holding networks of that tree and
     shapes. Each mismatch is one line."""
     ckpt = load_checkpoint(path)
-    if dims is not None and (int(ckpt["obs_dim"]), int(ckpt["act_dim"])) != tuple(dims):
-        fail(f"{path} has obs/act dims {ckpt['obs_dim']}/{ckpt['act_dim']}; {env_id} has {dims[0]}/{dims[1]}")
     for flag, want in (("env-id", env_id), ("control-mode", control_mode), ("obs-mode", obs_mode)):
         if ckpt[flag.replace("-", "_")] != want:
             fail(f"{path} was trained with --{flag} {ckpt[flag.replace('-', '_')]}, not {want}; pass the same")
     if checkpoint_sim_config(ckpt) != sim_config:
         fail(f"{path} was trained under the physics {common.physics_name(checkpoint_sim_config(ckpt))}, not "
              f"{common.physics_name(sim_config)}; pass the same --sim-config")
-    if networks_like is None:
-        return ckpt
+    if networks_like is not None:
+        check_networks(ckpt, path, script, networks_like)
+    if dims is not None and (int(ckpt["obs_dim"]), int(ckpt["act_dim"])) != tuple(dims):
+        fail(f"{path} has obs/act dims {ckpt['obs_dim']}/{ckpt['act_dim']}; {env_id} has {dims[0]}/{dims[1]}")
+    return ckpt
+
+
+def check_networks(ckpt: dict, path: str, script: str, networks_like: Callable[[int, int], dict]) -> None:
+    """One line unless the checkpoint holds networks_like(obs_dim, act_dim)'s tree and shapes (load_run_checkpoint)."""
     want = jax.eval_shape(lambda: networks_like(int(ckpt["obs_dim"]), int(ckpt["act_dim"])))
     got = ckpt["networks"]
     flat_got = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_flatten_with_path(got)[0]}
     flat_want = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_flatten_with_path(want)[0]}
     if flat_got == flat_want:
-        return ckpt
+        return
     diff = next(k for k in sorted(set(flat_got) | set(flat_want)) if flat_got.get(k) != flat_want.get(k))
     writer = Path(ckpt.get("script") or f"{ckpt['algorithm']}.py").name
     fail(f"{path} holds networks that {Path(script).name} does not build with these flags ({diff}: "
          f"{flat_got.get(diff, 'absent')} in the checkpoint, {flat_want.get(diff, 'absent')} here); it was written by "
-         f"{writer} with --hidden-dims {' '.join(map(str, ckpt.get('hidden_dims', [])))} --num-qs {ckpt.get('num_qs')}: pass "
-         f"the same flags, or start from it with {writer}")
+         f"{writer} with --hidden-dims {' '.join(map(str, ckpt.get('hidden_dims', [])))} --num-qs "
+         f"{ckpt.get('num_qs')}: pass the same flags, or start from it with {writer}")
 
 
 def checkpoint_script(ckpt: dict, path: str, script: Optional[str] = None, flag: str = "--script"):
