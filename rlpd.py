@@ -403,11 +403,11 @@ def main(args: Args) -> None:
     online = ReplayBuffer(args.buffer_size, obs_dim, act_dim)
     global_step, grad_updates, info = 0, 0, {}
     if resumed:  # --resume or --fork: the learner, the online buffer, the generators and the schedule as saved
-        state, key, online, loop = restore(resumed, state, rng,
-                                           "resumed" if args.resume else f"forked from {fork['state']}")
-        global_step, grad_updates = loop["global_step"], loop["grad_updates"]
+        state, key, online, (global_step, grad_updates) = restore(
+            resumed, state, rng, "resumed" if args.resume else f"forked from {fork['state']}")
     run, stop = open_run(args, run_dir, resumed, global_step, run_files.resume_state_bytes(
         state, min(args.total_timesteps, args.buffer_size), obs_dim, act_dim))
+    meta = checkpoint_meta(args, obs_dim, act_dim)
 
     n = args.num_envs
     eps = Episodes.empty(n)
@@ -460,11 +460,10 @@ def main(args: Args) -> None:
         stopping = bool(stop)  # a signal stops the run here, at an iteration boundary
         done = stopping or global_step >= args.total_timesteps or run.target_reached
         loop = {"global_step": global_step, "grad_updates": grad_updates}
-        saved = run.save_point(
-            global_step, stopping, done, False,
-            lambda name: save_checkpoint(run, args, state, name, global_step, obs_dim, act_dim),
-            lambda: save_resume_state(run, args, resume_payload(state, key, rng, online, loop, run), demo_record, fork))
-        if saved and not done:
+        if run.save_point(global_step, stopping, done, False,
+                          lambda name: save_checkpoint(run, meta, state, name, global_step),
+                          lambda: save_resume_state(run, args, resume_payload(state, key, rng, online, loop, run),
+                                                    demo_record, fork)) and not done:
             obs = start_episodes(np.ones(n, bool), eps, envs, rng)  # as on resume
     run.finish(global_step, stop if stopping else None, grad_updates=grad_updates, forked_from=fork)
     envs.close(now=stopping)
@@ -526,28 +525,15 @@ def parse_args(argv=None) -> Args:
 def check_args(args: Args) -> None:
     """Every flag in its meaningful range, before anything is built or written: one line for the first that is not."""
     vector_env.check_env_id(args.env_id)
-    if args.max_episode_steps is None:
-        common.fail(f"{args.env_id} registers no max_episode_steps; give the episode horizon with --max-episode-steps")
     run_flags.check_ranges(args, RANGES)
-    if args.total_timesteps <= args.num_seed_steps:  # allowed (a smoke test of the envs, random actions), but said
-        print(f"warning: --total-timesteps {args.total_timesteps} is not above --num-seed-steps {args.num_seed_steps}: "
-              f"the run ends before its first update, and its checkpoints hold untrained networks", flush=True)
-    if args.buffer_size < args.num_seed_steps:
-        common.fail(f"--buffer-size {args.buffer_size} is smaller than --num-seed-steps {args.num_seed_steps}: updates "
-                    f"start only once the online buffer holds that many transitions, so they would never start")
-    if args.capture_video and args.render_size < 1:
-        common.fail(f"--render-size must be >= 1 with videos, got {args.render_size} (or pass --no-capture-video)")
+    run_flags.check_run_flags(args.env_id, args.max_episode_steps, args.total_timesteps, args.num_seed_steps,
+                              args.buffer_size, args.capture_video, args.render_size, args.evaluate, args.checkpoint)
     if args.batch_size % 2:
         common.fail("--batch-size must be even (half online, half offline)")
     if not 1 <= args.num_min_qs <= args.num_qs:
         common.fail(f"--num-min-qs must be in 1..--num-qs ({args.num_qs}), got {args.num_min_qs} (--preset "
                     f"{args.preset}'s value unless given); pass --num-min-qs with a value up to {args.num_qs}")
-    if args.evaluate and not args.checkpoint:
-        common.fail("--evaluate needs --checkpoint PATH")
-    if args.sim_backend == "gpu":
-        vector_env.check_gpu_simulation()
-    if args.track:
-        run_log.check_wandb()
+    run_flags.check_machine(args.sim_backend, args.track)
     if args.exp_name is None:
         args.exp_name = f"{args.env_id}__{ALGORITHM}{'_eval' if args.evaluate else ''}__{args.seed}__{int(time.time())}"
 
@@ -592,25 +578,17 @@ def load_demos(args: Args, header: dict, physics: dict, obs_dim: int, act_dim: i
 
 
 def open_run(args: Args, run_dir: Path, resumed: Optional[dict], global_step: int, state_bytes: int):
-    """The run directory (args.json), tensorboard, the RunLog (as saved, on --resume or --fork) and the stop request
-    that from now on turns Ctrl-C, SIGTERM and SIGHUP into a save and a stop at the next iteration boundary."""
-    stop_signals.exit_if_signalled()
-    run_files.make_run_dir(run_dir, dataclasses.asdict(args), resuming=bool(args.resume), state_bytes=state_bytes)
-    print(f"run directory: {run_dir}", flush=True)
-    writer = run_log.open_writer(run_dir, dataclasses.asdict(args), args.wandb_project_name if args.track else None,
-                                 resume_step=global_step if args.resume else None)
-    run = run_log.RunLog(run_dir, writer, args.total_timesteps, args.log_freq, args.eval_freq, args.save_freq,
-                         args.max_episode_steps, args.num_eval_episodes, args.capture_video, args.target_success,
-                         args.target_evals)
-    if resumed:
-        run.load_state_dict(resumed["run"], global_step)
-    return run, stop_signals.StopRequest()
+    """run_log.open_run with this script's schedule: (run, stop)."""
+    return run_log.open_run(run_dir, dataclasses.asdict(args), bool(args.resume), resumed and resumed["run"],
+                            global_step, state_bytes, args.wandb_project_name if args.track else None,
+                            total_timesteps=args.total_timesteps, log_freq=args.log_freq, eval_freq=args.eval_freq,
+                            save_freq=args.save_freq, eval_horizon=args.max_episode_steps,
+                            eval_episodes=args.num_eval_episodes, video=args.capture_video,
+                            target_success=args.target_success, target_evals=args.target_evals)
 
 
-def save_checkpoint(run: run_log.RunLog, args: Args, state: SACState, name: str, step: int, obs_dim: int,
-                    act_dim: int, **extra) -> None:
-    run_files.save_checkpoint(run.run_dir / "checkpoints" / name, checkpoint_meta(args, obs_dim, act_dim),
-                              networks(state), step, extra)
+def save_checkpoint(run: run_log.RunLog, meta: dict, state: SACState, name: str, step: int) -> None:
+    run_files.save_checkpoint(run.run_dir / "checkpoints" / name, meta, networks(state), step)
 
 
 def resume_payload(state: SACState, key, rng, online: ReplayBuffer, loop: dict, run: run_log.RunLog) -> dict:
@@ -629,12 +607,14 @@ def save_resume_state(run: run_log.RunLog, args: Args, payload: dict, demo_recor
 
 
 def restore(saved: dict, state: SACState, rng, how: str):
-    """The inverse of resume_payload: loads the generator in place and returns (state, key, online, loop)."""
+    """The inverse of resume_payload: loads the generator in place and returns (state, key, online,
+    (global_step, grad_updates))."""
     state = jax.tree_util.tree_map(jnp.asarray, serialization.from_state_dict(state, saved["sac"]))
     rng.bit_generator.state = json.loads(saved["rng"])
     online = ReplayBuffer.from_state_dict(saved["online"])
-    print(f"{how} at env step {saved['loop']['global_step']} (online buffer {online.size})", flush=True)
-    return state, jnp.asarray(saved["key"], jnp.uint32), online, saved["loop"]
+    loop = saved["loop"]
+    print(f"{how} at env step {loop['global_step']} (online buffer {online.size})", flush=True)
+    return state, jnp.asarray(saved["key"], jnp.uint32), online, (loop["global_step"], loop["grad_updates"])
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ from typing import Callable
 import tyro
 
 import run_files
+import run_log
+import vector_env
 from common import fail
 
 
@@ -120,6 +122,32 @@ def fork_args(args_cls, argv, given: set, description: str, fork_fixed: tuple[st
     if "exp-name" not in given:
         args.exp_name = f"{base.exp_name}__fork{header['global_step']}__{int(time.time())}"
     return args
+
+
+def check_run_flags(env_id: str, max_episode_steps, total_timesteps: int, num_seed_steps: int, buffer_size: int,
+                    capture_video: bool, render_size: int, evaluate: bool, checkpoint) -> None:
+    """The checks between the flags every training script has (the env's horizon, the warm-up, videos,
+    --evaluate): one line for the first that fails, a warning for a run that never updates."""
+    if max_episode_steps is None:
+        fail(f"{env_id} registers no max_episode_steps; give the episode horizon with --max-episode-steps")
+    if total_timesteps <= num_seed_steps:  # allowed (a smoke test of the envs, random actions), but said
+        print(f"warning: --total-timesteps {total_timesteps} is not above --num-seed-steps {num_seed_steps}: the run "
+              f"ends before its first update, and its checkpoints hold untrained networks", flush=True)
+    if buffer_size < num_seed_steps:
+        fail(f"--buffer-size {buffer_size} is smaller than --num-seed-steps {num_seed_steps}: updates start only once "
+             f"the online buffer holds that many transitions, so they would never start")
+    if capture_video and render_size < 1:
+        fail(f"--render-size must be >= 1 with videos, got {render_size} (or pass --no-capture-video)")
+    if evaluate and not checkpoint:
+        fail("--evaluate needs --checkpoint PATH")
+
+
+def check_machine(sim_backend: str, track: bool) -> None:
+    """What the machine must have: GPU simulation for --sim-backend gpu, Weights & Biases for --track."""
+    if sim_backend == "gpu":
+        vector_env.check_gpu_simulation()
+    if track:
+        run_log.check_wandb()
 
 
 def check_ranges(args, ranges: dict) -> None:

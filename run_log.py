@@ -20,6 +20,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 import common
+import run_files
 import stop_signals
 from common import fail, write_json
 
@@ -48,6 +49,20 @@ def open_writer(run_dir: Path, config: dict, wandb_project: Optional[str] = None
     writer = SummaryWriter(str(run_dir))
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in config.items()))
     return writer
+
+
+def open_run(run_dir: Path, config: dict, resuming: bool, saved: Optional[dict], step: int, state_bytes: int,
+             wandb_project: Optional[str], **schedule):
+    """The run directory with args.json (run_files.make_run_dir), tensorboard, a RunLog (its other arguments in
+    `schedule`; as `saved` holds it on --resume or --fork) and the stop request that from now on turns Ctrl-C,
+    SIGTERM and SIGHUP into a save and a stop at the next iteration boundary: (run, stop)."""
+    stop_signals.exit_if_signalled()
+    run_files.make_run_dir(run_dir, config, resuming=resuming, state_bytes=state_bytes)
+    print(f"run directory: {run_dir}", flush=True)
+    run = RunLog(run_dir, open_writer(run_dir, config, wandb_project, step if resuming else None), **schedule)
+    if saved:
+        run.load_state_dict(saved, step)
+    return run, stop_signals.StopRequest()
 
 
 class RunLog:

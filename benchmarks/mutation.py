@@ -10,6 +10,12 @@ file contains, so the same mistake can be planted in older versions of the code)
 the test files of its group; it is "caught" when pytest fails. A hand-picked list, not a mutation tool's
 exhaustive one: mutmut's thousands of mutants times a minute of tests each do not fit a 2-core machine.
 Writes a markdown table to stdout and, with --out, to <out>.md and <out>.json.
+
+With --together the selected mutants are tested as a group (for an old suite that misses most of them, where one
+run per mutant would take hours): all of them planted at once; if the tests pass, each is reported "SURVIVED
+(with the others)"; if they fail, the group is split in halves and each half tested again, down to single mutants.
+A mutant that alone would be caught but is masked by another of its group would be misreported; the mutants sit on
+separate lines of code, so that needs one slip to undo another's effect.
 """
 
 from __future__ import annotations
@@ -205,7 +211,9 @@ MUTANTS += [
        '"masks": bootstrap_masks(terminated | (eps.length >= eps.horizon), args.bootstrap_at_done)})')]),
     # a checkpoint holds the weights the run had at that step
     ("rlpd.py: checkpoints hold the networks the run started with", "checkpoints",
-     [("lambda name: save_checkpoint(run, args, state, name",
+     [("lambda name: save_checkpoint(run, meta, state, name",
+       "lambda name, state=init_sac(args, obs_dim, act_dim, k_init)[2]: save_checkpoint(run, meta, state, name"),
+      ("lambda name: save_checkpoint(run, args, state, name",
        "lambda name, state=init_sac(args, obs_dim, act_dim, k_init)[2]: save_checkpoint(run, args, state, name"),
       ("    def save_checkpoint(name: str) -> None:", "    def save_checkpoint(name: str, state=state) -> None:")],
      "rlpd.py"),
@@ -260,17 +268,24 @@ class Args:
     only: list[str] = field(default_factory=list)
     """run only mutants whose name contains one of these"""
     timeout: int = 900
+    together: bool = False
+    """test the selected mutants as a group, split in halves where it is caught (see the module docstring)"""
     out: Optional[str] = None
 
 
 def run_mutant(repo: Path, file: str, old: str, new: str, tests: list[str], timeout: int,
-               env: Optional[dict] = None) -> tuple[bool, float]:
-    """(caught, seconds): pytest -x on `tests` in a copy of `repo` whose `file` has `old` replaced by `new`."""
+               env: Optional[dict] = None, more: tuple = ()) -> tuple[bool, float]:
+    """(caught, seconds): pytest -x on `tests` in a copy of `repo` whose `file` has `old` replaced by `new` (and
+    each (file, old, new) of `more` planted too)."""
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "repo"
         shutil.copytree(repo, copy, ignore=shutil.ignore_patterns(".git", ".venv", "runs", "__pycache__", "*.png"))
-        path = copy / file
-        path.write_text(path.read_text().replace(old, new, 1))
+        for f, o, n in ((file, old, new), *more):
+            path = copy / f
+            text = path.read_text()
+            if o not in text:
+                raise SystemExit(f"mutants overlap: {f} no longer contains {o!r} once the others are planted")
+            path.write_text(text.replace(o, n, 1))
         t0 = time.time()
         try:
             proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
@@ -286,6 +301,21 @@ def compiles(source: str) -> bool:
         return True
     except SyntaxError:
         return False
+
+
+def run_together(repo: Path, planted: list[dict], tests: list[str], timeout: int, env: dict) -> None:
+    """Group testing of `planted` (rows with file, old, new): sets each row's result (see the module docstring)."""
+    caught, secs = run_mutant(repo, *planted[0]["hit"], tests, timeout, env, tuple(r["hit"] for r in planted[1:]))
+    print(f"{'caught' if caught else 'passed'} with {len(planted)} planted together ({secs:.0f} s)", file=sys.stderr,
+          flush=True)
+    if not caught or len(planted) == 1:
+        for r in planted:
+            r.update(result=("caught" if caught else "SURVIVED") + ("" if len(planted) == 1 else " (with the others)"),
+                     seconds=round(secs))
+        return
+    half = len(planted) // 2
+    run_together(repo, planted[:half], tests, timeout, env)
+    run_together(repo, planted[half:], tests, timeout, env)
 
 
 def main(a: Args) -> list[dict]:
@@ -309,13 +339,24 @@ def main(a: Args) -> list[dict]:
             rows.append({"mutant": name, "group": group, "result": "not applicable"})
         elif not compiles(source.replace(*hit, 1)):  # a test run would fail on the syntax, not on the mistake
             rows.append({"mutant": name, "group": group, "result": "INVALID (does not compile)"})
+        elif a.together:  # tested below, as a group
+            rows.append({"mutant": name, "group": group, "result": "pending", "hit": (file, *hit), "tests": tests})
+            continue
         else:
             caught, secs = run_mutant(repo, file, *hit, tests, a.timeout, env)
             rows.append({"mutant": name, "group": group, "result": "caught" if caught else "SURVIVED",
                          "seconds": round(secs)})
         print(f"{rows[-1]['result']:14s} {name}", file=sys.stderr, flush=True)
-    applied = [r for r in rows if r["result"] in ("caught", "SURVIVED")]
-    survived = [r["mutant"] for r in applied if r["result"] == "SURVIVED"]
+    planted = [r for r in rows if r["result"] == "pending"]
+    if planted:
+        if len({tuple(r["tests"]) for r in planted}) > 1:
+            raise SystemExit("--together needs mutants that run the same tests: select groups of one kind")
+        run_together(repo, planted, planted[0]["tests"], a.timeout, env)
+        for r in planted:
+            del r["hit"], r["tests"]
+            print(f"{r['result']:14s} {r['mutant']}", file=sys.stderr, flush=True)
+    applied = [r for r in rows if r["result"].split(" (")[0] in ("caught", "SURVIVED")]
+    survived = [r["mutant"] for r in applied if r["result"].startswith("SURVIVED")]
     md = [f"Mutants of `{repo.name}`: {len(applied)} applied, {len(applied) - len(survived)} caught, "
           f"{len(survived)} survived", "", "| mutant | group | result |", "| --- | --- | --- |"]
     md += [f"| {r['mutant']} | {r['group']} | {r['result']} |" for r in rows]

@@ -80,7 +80,8 @@ def test_round_trip_restores_every_tensor_curriculum_field_generator_and_buffer(
     rng2 = np.random.default_rng(0)
     reverse2 = rfcl.ReverseCurriculum([20, 30, 25], 4, 3, 3.0, 0.9, rng2)
     forward2 = rfcl.ForwardCurriculum(np.arange(6) + 100, 0.1, 0.1, 5, rng2)
-    state2, key2, online2, offline2, loop2 = rfcl.restore(loaded, fresh, rng2, reverse2, forward2, "resumed")
+    state2, key2, online2, offline2, counters = rfcl.restore(loaded, fresh, rng2, reverse2, forward2, "resumed")
+    loop2 = dict(zip(("global_step", "stage", "stage1_end_step", "grad_updates"), counters))
     run2 = run_log.RunLog(tmp_path, run_log.SummaryWriter(str(tmp_path)), args.total_timesteps, args.log_freq, args.eval_freq,
                            args.save_freq, args.max_episode_steps, args.num_eval_episodes, args.capture_video, None, 3)
     run2.load_state_dict(loaded["run"], 64)
