@@ -177,7 +177,6 @@ class CPUEnvs:
         self.num_envs = num_envs
         self.obs_dim = self.envs.single_observation_space.shape[0]
         self.act_dim = self.envs.single_action_space.shape[0]
-        self.obs = np.zeros((num_envs, self.obs_dim), np.float32)
 
     def _kill(self):
         for p in self.envs.processes:
@@ -185,16 +184,15 @@ class CPUEnvs:
                 p.kill()
 
     def reset(self, mask, seeds, states=None):
+        """Only the envs where mask restart; every env's current observation comes back (gymnasium answers an
+        env left out of the mask with its last observation)."""
         options = {"reset_mask": np.asarray(mask, bool)}
         if states is not None:
             options["states"] = list(states)
-        obs, _ = self.envs.reset(seed=[int(s) for s in seeds], options=options)
-        self.obs[mask] = obs[mask]
-        return self.obs.copy()
+        return self.envs.reset(seed=[int(s) for s in seeds], options=options)[0]
 
     def step(self, actions):
         obs, _, terminated, _, info = self.envs.step(np.asarray(actions))
-        self.obs = obs
         return obs, np.asarray(terminated, bool), np.asarray(info["success"], bool)
 
     def video(self, start=False, save_path=None):

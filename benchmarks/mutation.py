@@ -1,14 +1,16 @@
 """How strong is the test suite? Break rfcl.py or rlpd.py on purpose (a fixed list of plausible mistakes in the
-curricula, the SAC update, the training loop, the data it stores, and how a stop signal ends a script) and count the
-mistakes that no test catches.
+curricula, the SAC update, the training loop, the data it stores, what makes each script its algorithm, and how a
+stop signal ends a script) and count the mistakes that no test catches.
 
     python benchmarks/mutation.py                                  # this checkout
     python benchmarks/mutation.py --repo /path/to/older/checkout   # the same mistakes, an older suite
 
-Each mutant is one text substitution in rfcl.py, rlpd.py or stop_signals.py (the first of its alternatives that the
-file contains, so the same mistake can be planted in older versions of the code), run against a copy of the repository with `pytest -x` on
-the test files of its group; it is "caught" when pytest fails. A hand-picked list, not a mutation tool's
-exhaustive one: mutmut's thousands of mutants times a minute of tests each do not fit a 2-core machine.
+Each mutant is one text substitution in rfcl.py, rlpd.py, vector_env.py or stop_signals.py (the first of its
+alternatives that the file contains, so the same mistake can be planted in older versions of the code), run against
+a copy of the repository with `pytest -x` on the test files of its group: "caught" when pytest fails (the table names
+the first failing test; the json keeps pytest's line with the error), "SURVIVED" when it passes, "TIMEOUT" when it
+outlives --timeout (not counted as caught). A hand-picked list, not a mutation tool's exhaustive one: mutmut's
+thousands of mutants times a minute of tests each do not fit a 2-core machine.
 Writes a markdown table to stdout and, with --out, to <out>.md and <out>.json.
 
 With --together the selected mutants are tested as a group (for an old suite that misses most of them, where one
@@ -235,8 +237,8 @@ MUTANTS += [
        "run.episode_ended(eps.episode_return[j], eps.success_once[j], success[j])"),
       ("run.episode_ended(eps.ret[j], success[j], eps.once[j])", "run.episode_ended(eps.ret[j], eps.once[j], success[j])")],
      "rlpd.py"),
-    ("CPU envs hand every env the observations of a partial reset", "episodes",
-     [("        self.obs[mask] = obs[mask]\n", "        self.obs = obs\n")], "vector_env.py"),
+    ("CPU envs restart every env when some finish", "episodes",
+     [('        options = {"reset_mask": np.asarray(mask, bool)}\n', "        options = {}\n")], "vector_env.py"),
 ]
 PROPERTY_GROUPS = ("start", "offline", "eval", "flags", "limits", "checkpoints", "episodes")
 
@@ -274,9 +276,10 @@ class Args:
 
 
 def run_mutant(repo: Path, file: str, old: str, new: str, tests: list[str], timeout: int,
-               env: Optional[dict] = None, more: tuple = ()) -> tuple[bool, float]:
-    """(caught, seconds): pytest -x on `tests` in a copy of `repo` whose `file` has `old` replaced by `new` (and
-    each (file, old, new) of `more` planted too)."""
+               env: Optional[dict] = None, more: tuple = ()) -> tuple[str, float, str]:
+    """(result, seconds, the test that failed): pytest -x on `tests` in a copy of `repo` whose `file` has `old`
+    replaced by `new` (and each (file, old, new) of `more` planted too). result: "caught" (pytest failed), "SURVIVED"
+    or "TIMEOUT" (not counted as caught: a slow machine is not a failing test)."""
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "repo"
         shutil.copytree(repo, copy, ignore=shutil.ignore_patterns(".git", ".venv", "runs", "__pycache__", "*.png"))
@@ -290,9 +293,11 @@ def run_mutant(repo: Path, file: str, old: str, new: str, tests: list[str], time
         try:
             proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
                                   cwd=copy, capture_output=True, text=True, timeout=timeout, env=env)
-            return proc.returncode != 0, time.time() - t0
         except subprocess.TimeoutExpired:
-            return True, time.time() - t0
+            return "TIMEOUT", time.time() - t0, ""
+        # pytest's summary line: "FAILED <test> - <first line of the error>" ("ERROR": in a fixture)
+        failed = [ln for ln in proc.stdout.splitlines() if ln.startswith(("FAILED ", "ERROR "))]
+        return ("caught" if proc.returncode else "SURVIVED"), time.time() - t0, (failed or [""])[0][:300]
 
 
 def compiles(source: str) -> bool:
@@ -305,13 +310,12 @@ def compiles(source: str) -> bool:
 
 def run_together(repo: Path, planted: list[dict], tests: list[str], timeout: int, env: dict) -> None:
     """Group testing of `planted` (rows with file, old, new): sets each row's result (see the module docstring)."""
-    caught, secs = run_mutant(repo, *planted[0]["hit"], tests, timeout, env, tuple(r["hit"] for r in planted[1:]))
-    print(f"{'caught' if caught else 'passed'} with {len(planted)} planted together ({secs:.0f} s)", file=sys.stderr,
-          flush=True)
-    if not caught or len(planted) == 1:
+    result, secs, by = run_mutant(repo, *planted[0]["hit"], tests, timeout, env, tuple(r["hit"] for r in planted[1:]))
+    print(f"{result} with {len(planted)} planted together ({secs:.0f} s)", file=sys.stderr, flush=True)
+    if result != "caught" or len(planted) == 1:
         for r in planted:
-            r.update(result=("caught" if caught else "SURVIVED") + ("" if len(planted) == 1 else " (with the others)"),
-                     seconds=round(secs))
+            r.update(result=result + ("" if len(planted) == 1 else " (with the others)"), seconds=round(secs),
+                     caught_by=by)
         return
     half = len(planted) // 2
     run_together(repo, planted[:half], tests, timeout, env)
@@ -343,9 +347,8 @@ def main(a: Args) -> list[dict]:
             rows.append({"mutant": name, "group": group, "result": "pending", "hit": (file, *hit), "tests": tests})
             continue
         else:
-            caught, secs = run_mutant(repo, file, *hit, tests, a.timeout, env)
-            rows.append({"mutant": name, "group": group, "result": "caught" if caught else "SURVIVED",
-                         "seconds": round(secs)})
+            result, secs, by = run_mutant(repo, file, *hit, tests, a.timeout, env)
+            rows.append({"mutant": name, "group": group, "result": result, "seconds": round(secs), "caught_by": by})
         print(f"{rows[-1]['result']:14s} {name}", file=sys.stderr, flush=True)
     planted = [r for r in rows if r["result"] == "pending"]
     if planted:
@@ -355,11 +358,13 @@ def main(a: Args) -> list[dict]:
         for r in planted:
             del r["hit"], r["tests"]
             print(f"{r['result']:14s} {r['mutant']}", file=sys.stderr, flush=True)
-    applied = [r for r in rows if r["result"].split(" (")[0] in ("caught", "SURVIVED")]
-    survived = [r["mutant"] for r in applied if r["result"].startswith("SURVIVED")]
-    md = [f"Mutants of `{repo.name}`: {len(applied)} applied, {len(applied) - len(survived)} caught, "
-          f"{len(survived)} survived", "", "| mutant | group | result |", "| --- | --- | --- |"]
-    md += [f"| {r['mutant']} | {r['group']} | {r['result']} |" for r in rows]
+    applied = [r for r in rows if r["result"].split(" (")[0] in ("caught", "SURVIVED", "TIMEOUT")]
+    count = {k: sum(r["result"].startswith(k) for r in applied) for k in ("caught", "SURVIVED", "TIMEOUT")}
+    md = [f"Mutants of `{repo.name}`: {len(applied)} applied, {count['caught']} caught, {count['SURVIVED']} survived"
+          + (f", {count['TIMEOUT']} timed out (not counted as caught)" if count["TIMEOUT"] else ""), "",
+          "| mutant | group | result | caught by |", "| --- | --- | --- | --- |"]
+    md += [f"| {r['mutant']} | {r['group']} | {r['result']} | {(r.get('caught_by') or '').split(' - ')[0]} |"
+           for r in rows]
     print("\n".join(md))
     if a.out:
         Path(a.out).with_suffix(".md").write_text("\n".join(md) + "\n")

@@ -24,6 +24,9 @@ both (the same tests, parametrized over the two scripts)
   B4. A checkpoint holds the weights the run had at that step (final.ckpt against the final resume state).
   B5. The charts (charts/success_once, success_at_end, episodic_return) are the means over the episodes that
       finished since the last log, rebuilt from what the env reported.
+  B6. A reset restarts only the envs asked for: every other env keeps its simulator state and observation, so its
+      episode goes on (checked at every reset of the spied runs on the CPU workers, partial ones in RFCL's; the
+      batched env class's masking by test_sac_core's test of GPU resets).
 """
 
 import json
@@ -59,6 +62,7 @@ class Spy:
         self.episode = np.zeros(envs.num_envs, int) - 1
         self.length = np.zeros(envs.num_envs, int)
         self.last_obs = None
+        self.kept = 0  # envs seen to go on through another env's reset
 
     def __getattr__(self, name):
         return getattr(self.envs, name)
@@ -70,15 +74,18 @@ class Spy:
 
     def reset(self, mask, seeds, states=None):
         plain = None if states is None else [s if s is None else tuple(s) for s in states]  # picklable for workers
-        obs = np.array(self.envs.reset(mask, seeds, plain))
         mask = np.array(mask)
+        kept = np.flatnonzero(~mask) if self.last_obs is not None else []
+        before = self.sim_states() if len(kept) else None
+        obs = np.array(self.envs.reset(mask, seeds, plain))
         starts = [None if states is None or states[j] is None else states[j].start for j in range(len(mask))]
-        if self.last_obs is not None:  # the envs not reset keep their observation
-            np.testing.assert_array_equal(obs[~mask], self.last_obs[~mask])
         self.resets.append((len(self.steps), mask, np.array(seeds), starts, obs.copy()))
-        if any(s is not None for j, s in enumerate(starts) if mask[j]):
-            sim = self.sim_states()
-            self.restored += [(starts[j], int(seeds[j]), obs[j], sim[j]) for j in np.flatnonzero(mask) if starts[j]]
+        sim = self.sim_states() if len(kept) or any(starts[j] is not None for j in np.flatnonzero(mask)) else None
+        for j in kept:  # B6: the envs not reset go on with their episode
+            np.testing.assert_array_equal(obs[j], self.last_obs[j], err_msg=f"env {j} kept its observation")
+            np.testing.assert_array_equal(sim[j], before[j], err_msg=f"env {j}'s simulator was not reset")
+            self.kept += 1
+        self.restored += [(starts[j], int(seeds[j]), obs[j], sim[j]) for j in np.flatnonzero(mask) if starts[j]]
         self.episode[mask] += 1
         self.length[mask] = 0
         self.last_obs = obs
@@ -396,3 +403,11 @@ def test_charts_are_the_means_over_the_episodes_finished_since_the_last_log(runs
             assert charts[key][step] == pytest.approx(np.mean([e[field] for e in done])), (key, step)
         checked += 1
     assert checked >= 2 and 0 < np.mean([e["once"] for e in eps]) < 1
+
+
+def test_a_reset_restarts_only_the_envs_asked_for(runs):
+    """B6: the spy compared the simulator state and observation of every env outside a reset's mask before and
+    after the reset; this says such resets happened: in RFCL's stage 1 episodes of different limits end at
+    different steps (the spied RLPD run's episodes all end together: one limit, nothing terminates)."""
+    assert runs["rfcl"]["envs"][0].kept >= 3
+
