@@ -83,7 +83,7 @@ class Spy:
         sim = self.sim_states() if len(kept) or any(starts[j] is not None for j in np.flatnonzero(mask)) else None
         for j in kept:  # B6: the envs not reset go on with their episode
             np.testing.assert_array_equal(obs[j], self.last_obs[j], err_msg=f"env {j} kept its observation")
-            np.testing.assert_array_equal(sim[j], before[j], err_msg=f"env {j}'s simulator was not reset")
+            np.testing.assert_array_equal(sim[j], before[j], err_msg=f"env {j} kept its simulator state")
             self.kept += 1
         self.restored += [(starts[j], int(seeds[j]), obs[j], sim[j]) for j in np.flatnonzero(mask) if starts[j]]
         self.episode[mask] += 1
@@ -410,4 +410,3 @@ def test_a_reset_restarts_only_the_envs_asked_for(runs):
     after the reset; this says such resets happened: in RFCL's stage 1 episodes of different limits end at
     different steps (the spied RLPD run's episodes all end together: one limit, nothing terminates)."""
     assert runs["rfcl"]["envs"][0].kept >= 3
-
