@@ -519,6 +519,15 @@ class Episodes:
     def empty(cls, n: int) -> Episodes:
         return cls(*(np.zeros(n, f.type) for f in dataclasses.fields(cls)))
 
+    def step(self, success, terminated, bootstrap_at_done: str) -> np.ndarray:
+        """Count one env step of every env; returns where an episode ends: at its time limit, and with
+        --bootstrap-at-done truncated also where the env terminated."""
+        self.length += 1
+        self.episode_return += success
+        self.success_once |= success
+        ended = self.length >= self.horizon
+        return ended | terminated if bootstrap_at_done == "truncated" else ended
+
 
 def demo_state(demos, i: int, t: int) -> tuple[dict, np.ndarray]:
     """RFCL's defining move: an episode starts from demo i's simulator state at step t, with the observation the
@@ -546,6 +555,19 @@ def start_episodes(mask, eps: Episodes, envs, stage: int, reverse: ReverseCurric
             eps.policy_mean[j] = False
     eps.length[mask], eps.episode_return[mask], eps.success_once[mask] = 0, 0.0, False
     return envs.reset(mask, seeds, states)
+
+
+def report_episodes(ended, eps: Episodes, success, stage: int, reverse: ReverseCurriculum, forward: ForwardCurriculum,
+                    run: run_log.RunLog, curriculum_success: str) -> None:
+    """Each episode that ended goes to the charts and to its stage's curriculum, which judges it by success at any
+    step (--curriculum-success once) or at its last step (at_end)."""
+    judged = eps.success_once if curriculum_success == "once" else success
+    for j in np.flatnonzero(ended):
+        run.episode_ended(eps.episode_return[j], success[j], eps.success_once[j])
+        if stage == 1:
+            reverse.report(eps.demo[j], eps.start[j], bool(judged[j]))
+        else:
+            forward.report(eps.seed_idx[j], bool(judged[j]))
 
 
 def switch_to_stage2(online: ReplayBuffer, reverse: ReverseCurriculum, args: Args, obs_dim: int,
@@ -580,10 +602,7 @@ def main(args: Args) -> None:
 
     # ---- demos, envs, networks, buffers, curricula ------------------------------------------------------
     demos, demo_record = load_demos(args, header, physics, obs_dim, act_dim)
-    envs = vector_env.make_envs(args.env_id, args.num_envs, args.sim_backend, args.obs_mode, args.control_mode,
-                                sim_config=physics)
-    eval_envs = vector_env.make_envs(args.env_id, args.num_eval_envs, args.sim_backend, args.obs_mode,
-                                     args.control_mode, args.render_size if args.capture_video else None, physics)
+    envs, eval_envs = make_envs(args, physics)
     key, k_init = jax.random.split(key)
     actor, critic, state = init_sac(args, obs_dim, act_dim, k_init)
     if ckpt:
@@ -601,8 +620,7 @@ def main(args: Args) -> None:
     if resumed:  # --resume or --fork: the learner, buffers, curricula, generators and schedule as saved
         state, key, online, offline, (global_step, stage, stage1_end_step, grad_updates) = restore(
             resumed, state, rng, reverse, forward, "resumed" if args.resume else f"forked from {fork['state']}")
-    run, stop = open_run(args, run_dir, resumed, global_step, run_files.resume_state_bytes(
-        state, min(args.total_timesteps, args.buffer_size), obs_dim, act_dim))
+    run, stop = open_run(args, run_dir, resumed, global_step, state, obs_dim, act_dim)
     meta = checkpoint_meta(args, obs_dim, act_dim)
 
     n = args.num_envs
@@ -622,12 +640,7 @@ def main(args: Args) -> None:
                     key, k = jax.random.split(key)
                     actions = policy_train(state.actor.params, jnp.asarray(obs), k, jnp.asarray(eps.policy_mean))
                 next_obs, terminated, success = envs.step(actions)
-                eps.length += 1
-                eps.episode_return += success
-                eps.success_once |= success
-                ended = eps.length >= eps.horizon
-                if args.bootstrap_at_done == "truncated":
-                    ended |= terminated
+                ended = eps.step(success, terminated, args.bootstrap_at_done)
                 # next_obs is the true final observation at a time limit: resets come after storing
                 online.add({"obs": obs, "actions": actions, "rewards": success.astype(np.float32),
                             "next_obs": next_obs, "masks": bootstrap_masks(terminated, args.bootstrap_at_done)})
@@ -635,13 +648,7 @@ def main(args: Args) -> None:
                 global_step += n
                 if ended.any():
                     reported = True
-                    judged = eps.success_once if args.curriculum_success == "once" else success
-                    for j in np.flatnonzero(ended):
-                        run.episode_ended(eps.episode_return[j], success[j], eps.success_once[j])
-                        if stage == 1:
-                            reverse.report(eps.demo[j], eps.start[j], bool(judged[j]))
-                        else:
-                            forward.report(eps.seed_idx[j], bool(judged[j]))
+                    report_episodes(ended, eps, success, stage, reverse, forward, run, args.curriculum_success)
                     obs = start_episodes(ended, eps, envs, stage, reverse, forward, demos, args)
 
         # ---- the stage switch, at the end of the iteration in which the reverse curriculum became done --------
@@ -804,8 +811,18 @@ def load_demos(args: Args, header: dict, physics: dict, obs_dim: int, act_dim: i
     return demos, record
 
 
-def open_run(args: Args, run_dir: Path, resumed: Optional[dict], global_step: int, state_bytes: int):
-    """run_log.open_run with this script's schedule: (run, stop)."""
+def make_envs(args: Args, physics: dict):
+    """The training envs and the eval envs (env 0 of which records the videos)."""
+    return (vector_env.make_envs(args.env_id, args.num_envs, args.sim_backend, args.obs_mode, args.control_mode,
+                                 sim_config=physics),
+            vector_env.make_envs(args.env_id, args.num_eval_envs, args.sim_backend, args.obs_mode, args.control_mode,
+                                 args.render_size if args.capture_video else None, physics))
+
+
+def open_run(args: Args, run_dir: Path, resumed: Optional[dict], global_step: int, state: SACState, obs_dim: int,
+             act_dim: int):
+    """run_log.open_run with this script's schedule and the size of its resume states: (run, stop)."""
+    state_bytes = run_files.resume_state_bytes(state, min(args.total_timesteps, args.buffer_size), obs_dim, act_dim)
     return run_log.open_run(run_dir, dataclasses.asdict(args), bool(args.resume), resumed and resumed["run"],
                             global_step, state_bytes, args.wandb_project_name if args.track else None,
                             total_timesteps=args.total_timesteps, log_freq=args.log_freq, eval_freq=args.eval_freq,

@@ -360,6 +360,15 @@ class Episodes:
     def empty(cls, n: int) -> Episodes:
         return cls(*(np.zeros(n, f.type) for f in dataclasses.fields(cls)))
 
+    def step(self, success, terminated, horizon: int, bootstrap_at_done: str) -> np.ndarray:
+        """Count one env step of every env; returns where an episode ends: at the time limit `horizon`, and with
+        --bootstrap-at-done truncated also where the env terminated."""
+        self.length += 1
+        self.episode_return += success
+        self.success_once |= success
+        ended = self.length >= horizon
+        return ended | terminated if bootstrap_at_done == "truncated" else ended
+
 
 def start_episodes(mask, eps: Episodes, envs, rng):
     """Reset the envs in `mask` to new episodes and return all envs' observations: each from the initial state of a
@@ -388,10 +397,7 @@ def main(args: Args) -> None:
 
     # ---- demos (observations, actions and success only), envs, networks, buffers ---------------------------
     demos, demo_record = load_demos(args, header, physics, obs_dim, act_dim)
-    envs = vector_env.make_envs(args.env_id, args.num_envs, args.sim_backend, args.obs_mode, args.control_mode,
-                                sim_config=physics)
-    eval_envs = vector_env.make_envs(args.env_id, args.num_eval_envs, args.sim_backend, args.obs_mode,
-                                     args.control_mode, args.render_size if args.capture_video else None, physics)
+    envs, eval_envs = make_envs(args, physics)
     key, k_init = jax.random.split(key)
     actor, critic, state = init_sac(args, obs_dim, act_dim, k_init)
     if ckpt:
@@ -405,8 +411,7 @@ def main(args: Args) -> None:
     if resumed:  # --resume or --fork: the learner, the online buffer, the generators and the schedule as saved
         state, key, online, (global_step, grad_updates) = restore(
             resumed, state, rng, "resumed" if args.resume else f"forked from {fork['state']}")
-    run, stop = open_run(args, run_dir, resumed, global_step, run_files.resume_state_bytes(
-        state, min(args.total_timesteps, args.buffer_size), obs_dim, act_dim))
+    run, stop = open_run(args, run_dir, resumed, global_step, state, obs_dim, act_dim)
     meta = checkpoint_meta(args, obs_dim, act_dim)
 
     n = args.num_envs
@@ -423,12 +428,7 @@ def main(args: Args) -> None:
                     key, k = jax.random.split(key)
                     actions = policy_sample(state.actor.params, jnp.asarray(obs), k)[0]
                 next_obs, terminated, success = envs.step(actions)
-                eps.length += 1
-                eps.episode_return += success
-                eps.success_once |= success
-                ended = eps.length >= args.max_episode_steps
-                if args.bootstrap_at_done == "truncated":
-                    ended |= terminated
+                ended = eps.step(success, terminated, args.max_episode_steps, args.bootstrap_at_done)
                 # next_obs is the true final observation at a time limit: resets come after storing
                 online.add({"obs": obs, "actions": actions, "rewards": success.astype(np.float32),
                             "next_obs": next_obs, "masks": bootstrap_masks(terminated, args.bootstrap_at_done)})
@@ -577,8 +577,18 @@ def load_demos(args: Args, header: dict, physics: dict, obs_dim: int, act_dim: i
     return demos, record
 
 
-def open_run(args: Args, run_dir: Path, resumed: Optional[dict], global_step: int, state_bytes: int):
-    """run_log.open_run with this script's schedule: (run, stop)."""
+def make_envs(args: Args, physics: dict):
+    """The training envs and the eval envs (env 0 of which records the videos)."""
+    return (vector_env.make_envs(args.env_id, args.num_envs, args.sim_backend, args.obs_mode, args.control_mode,
+                                 sim_config=physics),
+            vector_env.make_envs(args.env_id, args.num_eval_envs, args.sim_backend, args.obs_mode, args.control_mode,
+                                 args.render_size if args.capture_video else None, physics))
+
+
+def open_run(args: Args, run_dir: Path, resumed: Optional[dict], global_step: int, state: SACState, obs_dim: int,
+             act_dim: int):
+    """run_log.open_run with this script's schedule and the size of its resume states: (run, stop)."""
+    state_bytes = run_files.resume_state_bytes(state, min(args.total_timesteps, args.buffer_size), obs_dim, act_dim)
     return run_log.open_run(run_dir, dataclasses.asdict(args), bool(args.resume), resumed and resumed["run"],
                             global_step, state_bytes, args.wandb_project_name if args.track else None,
                             total_timesteps=args.total_timesteps, log_freq=args.log_freq, eval_freq=args.eval_freq,
