@@ -340,6 +340,27 @@ def test_rlpd_training_seeds_are_disjoint_from_demo_and_eval_seeds():
 
 
 # ---- both scripts -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("algo", [rfcl, rlpd], ids=["rfcl", "rlpd"])
+@pytest.mark.parametrize("mode", ["always", "truncated"])
+def test_an_episode_ends_at_its_time_limit_and_at_a_termination_only_if_terminations_end_episodes(algo, mode):
+    """B3 at Episodes.step itself: every env's counters advance by one step (length, return, success so far); an
+    episode ends when its length reaches the limit, and where the env terminated only with --bootstrap-at-done
+    truncated."""
+    eps = algo.Episodes.empty(3)
+    limit = ()
+    if algo is rfcl:
+        eps.horizon[:] = 3  # rfcl.py: each episode's own time limit
+    else:
+        limit = (3,)
+    ended = [eps.step(np.array(s), np.array(t), *limit, mode).tolist() for s, t in [
+        ([True, False, False], [False, True, False]), ([False, False, True], [False, False, False]),
+        ([False, False, False], [False, False, False])]]
+    assert ended[0] == ([False, True, False] if mode == "truncated" else [False, False, False])
+    assert ended[1] == [False, False, False] and ended[2] == [True, True, True]
+    assert eps.length.tolist() == [3, 3, 3] and eps.episode_return.tolist() == [1.0, 0.0, 1.0]
+    assert eps.success_once.tolist() == [True, False, True]
+
+
 @both
 def test_eval_acts_with_the_policy_mean_of_the_current_weights(runs, name):
     seen = runs[name]
