@@ -299,3 +299,62 @@ def test_ctrl_c_stops_the_frontier_probe_at_once_with_one_line(demo_path, tmp_pa
     assert code == 130 and lines[-1] == "stopped by SIGINT", lines
     assert not [line for line in lines if "Traceback" in line or "Error" in line], lines
     assert not list(tmp_path.glob("probe*"))
+
+
+def write_stage2_run(path, exp_name, grad_updates, switch, train, evals, fork=None, actor_update_freq=1):
+    """A run directory as rfcl.py leaves it: args.json, tensorboard (training success every 1k env steps, evals), and
+    for a fork the record of its parent in summary.json. train/evals: {env step: value}."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    path.mkdir()
+    (path / "args.json").write_text(json.dumps({"exp_name": exp_name, "num_envs": 8, "steps_per_env": 4,
+                                                "grad_updates_per_step": grad_updates,
+                                                "actor_update_freq": actor_update_freq}))
+    w = SummaryWriter(str(path))
+    if fork is None:
+        w.add_scalar("curriculum/stage1_end_step", switch, switch)
+    for step, v in train.items():
+        w.add_scalar("charts/success_once", v, step)
+        w.add_scalar("charts/success_at_end", v / 2, step)
+    for step, v in evals.items():
+        w.add_scalar("eval/success_at_end", v, step)
+        w.add_scalar("eval/success_once", min(1.0, 2 * v), step)
+    w.close()
+    if fork is not None:
+        (path / "summary.json").write_text(json.dumps({"forked_from": fork}))
+    return path
+
+
+def test_forks_table_counts_windows_from_the_switch_and_refuses_a_fork_of_another_state(tmp_path):
+    import forks
+
+    switch = 100_000
+    parent = write_stage2_run(tmp_path / "parent", "parent", 16, switch,
+                              {s: (0.9 if s <= switch else 0.1) for s in range(1_000, 200_001, 1_000)},
+                              {s: 0.0 for s in range(10_000, 200_001, 10_000)})
+    record = {"parent": "parent", "global_step": switch, "changed": {"grad_updates_per_step": [16, 64]}}
+    fork = write_stage2_run(tmp_path / "fork", "fork", 64, switch,
+                            {s: (0.2 if s <= switch + 50_000 else 0.6) for s in range(101_000, 200_001, 1_000)},
+                            {s: (s - switch) / 100_000 for s in range(110_000, 200_001, 10_000)}, record, 4)
+    report = forks.main(forks.Args(runs=[str(parent), str(fork)], window=50_000, out=str(tmp_path / "out"),
+                                   name="f"))
+    assert report["switch_step"] == switch
+    p, f = report["runs"]
+    assert (p["critic_updates_per_step"], f["critic_updates_per_step"], f["actor_updates_per_step"]) == (0.5, 2, 0.5)
+    # stage 1's logs (0.9) stay out: the parent's windows hold stage 2 only
+    assert [(w["from"], w["logs"], round(w["charts/success_once"], 3)) for w in p["windows"]] == [
+        (0, 50, 0.1), (50_000, 50, 0.1)]
+    assert [round(w["charts/success_once"], 3) for w in f["windows"]] == [0.2, 0.6]
+    assert [round(w["charts/success_at_end"], 3) for w in f["windows"]] == [0.1, 0.3]
+    assert [(w["eval/success_at_end"], w["eval/success_at_end@"]) for w in f["windows"]] == [(0.5, 50_000),
+                                                                                            (1.0, 100_000)]
+    md = (tmp_path / "out" / "f.md").read_text()
+    assert "| fork | 2 / 0.5 | 50,000-100,000 | 0.600 | 0.300 | 1.000 (100,000) | 1.000 |" in md
+    assert (tmp_path / "out" / "f.png").stat().st_size > 10_000
+
+    other = write_stage2_run(tmp_path / "other", "other", 64, switch, {switch + 1_000: 0.0}, {},
+                             {**record, "global_step": 60_000})
+    with pytest.raises(SystemExit, match="forked from parent at env step 60,000, not from parent's stage switch"):
+        forks.main(forks.Args(runs=[str(parent), str(other)], out=str(tmp_path / "out"), name="g"))
+    with pytest.raises(SystemExit, match="has not switched to stage 2"):
+        forks.main(forks.Args(runs=[str(fork)], out=str(tmp_path / "out"), name="h"))
