@@ -12,8 +12,10 @@ at the script's next exit_if_signalled. Imported by a test or a notebook, this m
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import multiprocessing
+import multiprocessing.context
 import os
 from multiprocessing import resource_tracker
 import signal
@@ -82,6 +84,35 @@ def exit_on_signals() -> None:
         signal.signal(signal.SIGHUP, previous)
     for sig in SIGNALS:
         signal.signal(sig, _stop)
+
+
+class _WorkerProcess(multiprocessing.context.SpawnProcess):
+    """A spawned process that begins with SIGNALS blocked (a child inherits its parent's signal mask through fork and
+    exec). A new Python interpreter answers SIGINT with KeyboardInterrupt from its first import on, and one caught in
+    its start-up prints "Fatal Python error" and a traceback: a terminal's Ctrl-C, sent to the whole process group,
+    did that to an env worker that was just starting. Blocked, the signal waits until the worker ignores it (it does
+    once it imports the script again, or in vector_env.CPUWorkerEnv), which discards it. The parent's mask is
+    blocked only while it starts the process, so it loses nothing: a signal that came meanwhile is delivered then."""
+
+    @staticmethod
+    def _Popen(process_obj):
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+        try:
+            return multiprocessing.context.SpawnProcess._Popen(process_obj)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+@contextlib.contextmanager
+def workers_start_deaf():
+    """The processes that multiprocessing's spawn context starts in this block (gymnasium's env workers) are
+    _WorkerProcesses."""
+    ctx = multiprocessing.get_context("spawn")
+    ctx.Process = _WorkerProcess  # shadows the context's class attribute until the block ends
+    try:
+        yield
+    finally:
+        del ctx.Process
 
 
 def exit_if_signalled() -> None:

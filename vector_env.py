@@ -173,7 +173,8 @@ class CPUEnvs:
                        bool(render_size) and i == 0)
                for i in range(num_envs)]
         # spawn: the parent already runs JAX threads, which must not be forked
-        self.envs = gym.vector.AsyncVectorEnv(fns, context="spawn", autoreset_mode=AutoresetMode.DISABLED)
+        with stop_signals.workers_start_deaf():
+            self.envs = gym.vector.AsyncVectorEnv(fns, context="spawn", autoreset_mode=AutoresetMode.DISABLED)
         self.num_envs = num_envs
         self.obs_dim = self.envs.single_observation_space.shape[0]
         self.act_dim = self.envs.single_action_space.shape[0]

@@ -86,3 +86,28 @@ def test_imported_by_a_module_it_changes_no_handler(tmp_path):
     code = (f"import sys, signal; sys.path[:0] = [{str(ROOT)!r}, {str(tmp_path)!r}]; import lib; "
             f"print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "True"
+
+
+def test_an_env_worker_signalled_while_it_starts_neither_dies_nor_prints():
+    """Ctrl-C goes to the whole process group, env workers included, and a worker's new interpreter turns it into a
+    "Fatal Python error" and a traceback while it starts up (before it can ignore the signal). Started by
+    workers_start_deaf, it begins with the stop signals blocked: SIGINT all through its start-up and its work leaves
+    it running, silent; the parent's own mask and the spawn context are as before."""
+    code = textwrap.dedent(f"""
+        import multiprocessing, os, signal, sys, time
+        sys.path.insert(0, {str(ROOT)!r})
+        import stop_signals
+        before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        with stop_signals.workers_start_deaf():
+            p = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(2,))
+            p.start()
+        t0 = time.time()
+        while time.time() - t0 < 1.5:  # from its first instruction on, through the interpreter's start-up
+            os.kill(p.pid, signal.SIGINT)
+            time.sleep(0.005)
+        p.join(30)
+        print(p.exitcode, signal.pthread_sigmask(signal.SIG_BLOCK, []) == before,
+              multiprocessing.get_context("spawn").Process is multiprocessing.context.SpawnProcess)
+        """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (out.stdout, out.stderr) == ("0 True True\n", "")
