@@ -145,6 +145,9 @@ MUTANTS += [
      [("    if _SIGNALLED:\n        _exit()", "    pass")], "stop_signals.py"),
     ("the handler installed by any importer", "signals",
      [('if _IMPORTER == "__main__":', "if True:")], "stop_signals.py"),
+    ("env workers start with the stop signals unblocked", "signals",
+     [("signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)", "signal.pthread_sigmask(signal.SIG_BLOCK, [])")],
+     "stop_signals.py"),
 ]
 
 # what makes each script its algorithm, and the protocol its numbers depend on (tests/test_properties.py's list):
