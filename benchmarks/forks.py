@@ -23,8 +23,10 @@ import numpy as np
 import tyro
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from common import write_atomic  # noqa: E402
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+import compare_runs  # noqa: E402
+from common import fail, write_atomic  # noqa: E402
+
 TRAIN_TAGS = ("charts/success_once", "charts/success_at_end")
 EVAL_TAGS = ("eval/success_at_end", "eval/success_once")
 
@@ -40,19 +42,11 @@ class Args:
     """output file stem"""
 
 
-def fail(msg: str):
-    sys.exit(f"error: {msg}")
-
-
 def scalars(run_dir: Path) -> dict:
     """Every scalar tag of a run (all its event files: a resumed run writes one more) as (steps, values) arrays."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    acc.Reload()
     out = {}
-    for tag in acc.Tags()["scalars"]:
-        events = sorted({e.step: e.value for e in acc.Scalars(tag)}.items())  # a resumed run may log a step twice
+    for tag, events in compare_runs.scalars(str(run_dir)).items():
+        events = sorted(dict(events).items())  # a resumed run logs again the steps after its last save point
         out[tag] = (np.array([s for s, _ in events]), np.array([v for _, v in events]))
     return out
 
@@ -85,12 +79,12 @@ def window_rows(tags: dict, switch: int, window: int) -> list[dict]:
     rows = []
     for k in range(max(0, -(-(last - switch) // window))):
         lo, hi = switch + k * window, switch + (k + 1) * window
-        row = {"from": lo - switch, "to": hi - switch}
+        logged = tags[TRAIN_TAGS[0]][0]
+        row = {"from": lo - switch, "to": hi - switch, "logs": int(((logged > lo) & (logged <= hi)).sum())}
         for tag in TRAIN_TAGS:
             steps, values = tags.get(tag, (np.zeros(0), np.zeros(0)))
             inside = values[(steps > lo) & (steps <= hi)]
             row[tag] = float(inside.mean()) if len(inside) else None
-        row["logs"] = int(((tags[TRAIN_TAGS[0]][0] > lo) & (tags[TRAIN_TAGS[0]][0] <= hi)).sum())
         for tag in EVAL_TAGS:
             steps, values = tags.get(tag, (np.zeros(0), np.zeros(0)))
             inside = np.flatnonzero((steps > lo) & (steps <= hi))
@@ -102,7 +96,7 @@ def window_rows(tags: dict, switch: int, window: int) -> list[dict]:
 
 
 def collect(run_dirs: list[Path], window: int) -> dict:
-    parent, forks = run_dirs[0], run_dirs[1:]
+    parent = run_dirs[0]
     for d in run_dirs:
         if not (d / "args.json").is_file():
             fail(f"{d} is not a run directory (no args.json)")
