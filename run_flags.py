@@ -112,6 +112,9 @@ def fork_args(args_cls, argv, given: set, description: str, fork_fixed: tuple[st
     except TypeError as e:
         fail(f"{path} was written with flags this script does not have ({e}); fork it with "
              f"{Path(header.get('script') or algorithm + '.py').name}")
+    # how the parent was started is not inherited: a resumed parent's --resume would make this run resume (and write)
+    # the parent, and its --checkpoint's networks are in the state already
+    base = dataclasses.replace(base, resume=None, checkpoint=None)
     args = tyro.cli(args_cls, default=base, args=argv, description=description)
     for name in fork_fixed:
         old, new = (json.dumps(getattr(a, name), default=list) for a in (base, args))

@@ -298,13 +298,16 @@ def payload(run_dir: Path) -> dict:
 def test_a_fork_from_the_stage_switch_goes_on_as_its_parent_or_as_told(demo_path, tmp_path, monkeypatch):
     """--fork of stage2_start.state: with the parent's flags it learns, logs and ends exactly as the parent did after
     its switch; with another update ratio it makes that many more updates and records its parent, the step and the
-    changed flag. The parent is only read. Flags the state holds, and a missing state, are one line."""
+    changed flag. The parent is only read, also when it was resumed (its state's args then hold --resume).
+    Flags the state holds, and a missing state, are one line."""
     flags = [*SMALL, "--reverse-solved-frac", "-1", "--num-seeds", "20", "--save-freq", "192"]
-    run_in_process(rfcl, [*flags, "--exp-name", "p", "--total-timesteps", "288"], tmp_path, monkeypatch)
+    run_in_process(rfcl, [*flags, "--exp-name", "p", "--total-timesteps", "8"], tmp_path, monkeypatch)
+    run_in_process(rfcl, ["--resume", "runs/p", "--total-timesteps", "288"], tmp_path, monkeypatch)
     parent = tmp_path / "runs" / "p"
     switch = json.loads((parent / "summary.json").read_text())["stage1_end_step"]
     state = parent / rfcl.SWITCH_STATE
-    assert switch and run_files.read_resume_header(state)["global_step"] == switch
+    assert switch > 8 and run_files.read_resume_header(state)["global_step"] == switch
+    assert run_files.read_resume_header(state)["args"]["resume"] == "runs/p", "written by the resumed process"
     untouched = {f: f.read_bytes() for f in parent.rglob("*") if f.is_file() and f.name != ".lock"}
 
     fork = ["--fork", "runs/p/stage2_start.state", "--total-timesteps", "288"]
