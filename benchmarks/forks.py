@@ -25,6 +25,7 @@ import tyro
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 import compare_runs  # noqa: E402
+import run_files  # noqa: E402
 from common import fail, write_atomic  # noqa: E402
 
 TRAIN_TAGS = ("charts/success_once", "charts/success_at_end")
@@ -51,16 +52,24 @@ def scalars(run_dir: Path) -> dict:
     return out
 
 
+def state_header(path: Path) -> dict:
+    with open(path, "rb") as f:
+        return json.loads(f.readline())
+
+
 def fork_record(run_dir: Path):
-    """The fork record a run keeps of its parent (summary.json once finished, else its resume state), or None."""
+    """The fork record a run keeps of its parent (summary.json once finished, else its resume state; before its first
+    save point, made from the state its args.json names), or None."""
     summary = run_dir / "summary.json"
     if summary.is_file():
         return json.loads(summary.read_text()).get("forked_from")
-    state = run_dir / "resume.state"
-    if state.is_file():
-        with open(state, "rb") as f:
-            return json.loads(f.readline()).get("fork")
-    return None
+    if (run_dir / "resume.state").is_file():
+        return state_header(run_dir / "resume.state").get("fork")
+    config = json.loads((run_dir / "args.json").read_text())
+    # --fork as given: relative to where the fork was started, which holds runs/<exp-name>
+    state = next((p for p in (Path(config.get("fork") or ""), run_dir.parent.parent / (config.get("fork") or ""))
+                  if config.get("fork") and p.is_file()), None)
+    return state and run_files.fork_record(state, state_header(state), config)
 
 
 def update_ratios(run_dir: Path) -> tuple[float, float]:
@@ -72,7 +81,8 @@ def update_ratios(run_dir: Path) -> tuple[float, float]:
 
 def window_rows(tags: dict, switch: int, window: int) -> list[dict]:
     """Per window [switch + k * window, switch + (k + 1) * window): training success (mean over the logs in it) and
-    the last eval in it. Windows run up to the run's last logged step; a window without logs is left out."""
+    the last eval in it. Windows run up to the run's last logged step (the last one may end there: its "to"); a window
+    without logs is left out."""
     if TRAIN_TAGS[0] not in tags:
         return []
     last = int(max(steps.max() for steps, _ in tags.values()))
@@ -80,7 +90,7 @@ def window_rows(tags: dict, switch: int, window: int) -> list[dict]:
     for k in range(max(0, -(-(last - switch) // window))):
         lo, hi = switch + k * window, switch + (k + 1) * window
         logged = tags[TRAIN_TAGS[0]][0]
-        row = {"from": lo - switch, "to": hi - switch, "logs": int(((logged > lo) & (logged <= hi)).sum())}
+        row = {"from": lo - switch, "to": min(hi, last) - switch, "logs": int(((logged > lo) & (logged <= hi)).sum())}
         for tag in TRAIN_TAGS:
             steps, values = tags.get(tag, (np.zeros(0), np.zeros(0)))
             inside = values[(steps > lo) & (steps <= hi)]

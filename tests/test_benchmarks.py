@@ -352,6 +352,17 @@ def test_forks_table_counts_windows_from_the_switch_and_refuses_a_fork_of_anothe
     assert "| fork | 2 / 0.5 | 50,000-100,000 | 0.600 | 0.300 | 1.000 (100,000) | 1.000 |" in md
     assert (tmp_path / "out" / "f.png").stat().st_size > 10_000
 
+    # a fork still before its first save point: its record comes from the state its args.json names
+    (tmp_path / "runs").mkdir()
+    early = write_stage2_run(tmp_path / "runs" / "early", "early", 32, switch, {switch + 1_000: 0.3}, {}, {})
+    (early / "summary.json").unlink()
+    (tmp_path / "parent" / "stage2_start.state").write_bytes(json.dumps(
+        {"args": {"exp_name": "parent", "grad_updates_per_step": 16}, "global_step": switch}).encode() + b"\npayload")
+    config = json.loads((early / "args.json").read_text())
+    (early / "args.json").write_text(json.dumps({**config, "fork": "parent/stage2_start.state"}))
+    report = forks.main(forks.Args(runs=[str(parent), str(early)], out=str(tmp_path / "out"), name="e"))
+    assert report["runs"][1]["changed"] == {"grad_updates_per_step": [16, 32]}
+
     other = write_stage2_run(tmp_path / "other", "other", 64, switch, {switch + 1_000: 0.0}, {},
                              {**record, "global_step": 60_000})
     with pytest.raises(SystemExit, match="forked from parent at env step 60,000, not from parent's stage switch"):
