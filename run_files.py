@@ -193,8 +193,8 @@ def fork_state_path(source: str) -> Path:
 def fork_record(path: Path, header: dict, config: dict) -> dict:
     """What a fork records of its parent (resume states and summary.json): the state it started from, the parent run,
     the env step, and each flag it changed as [parent's, fork's]."""
-    changed = {k: [v, config.get(k)] for k, v in header["args"].items()
-               if k not in ("exp_name", "fork", "resume", "checkpoint") and json.dumps(v) != json.dumps(config.get(k), default=list)}
+    changed = {k: [v, config.get(k)] for k, v in header["args"].items() if k not in (
+        "exp_name", "fork", "resume", "checkpoint") and json.dumps(v) != json.dumps(config.get(k), default=list)}
     return {"state": str(Path(path).resolve()), "parent": header["args"].get("exp_name"),
             "global_step": header["global_step"], "changed": changed}
 

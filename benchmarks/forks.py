@@ -52,11 +52,6 @@ def scalars(run_dir: Path) -> dict:
     return out
 
 
-def state_header(path: Path) -> dict:
-    with open(path, "rb") as f:
-        return json.loads(f.readline())
-
-
 def fork_record(run_dir: Path):
     """The fork record a run keeps of its parent (summary.json once finished, else its resume state; before its first
     save point, made from the state its args.json names), or None."""
@@ -64,12 +59,13 @@ def fork_record(run_dir: Path):
     if summary.is_file():
         return json.loads(summary.read_text()).get("forked_from")
     if (run_dir / "resume.state").is_file():
-        return state_header(run_dir / "resume.state").get("fork")
+        return run_files.read_resume_header(run_dir / "resume.state").get("fork")
     config = json.loads((run_dir / "args.json").read_text())
-    # --fork as given: relative to where the fork was started, which holds runs/<exp-name>
-    state = next((p for p in (Path(config.get("fork") or ""), run_dir.parent.parent / (config.get("fork") or ""))
-                  if config.get("fork") and p.is_file()), None)
-    return state and run_files.fork_record(state, state_header(state), config)
+    if not config.get("fork"):
+        return None
+    # --fork as given: absolute, or relative to where the fork was started, which holds runs/<exp-name>
+    state = Path(config["fork"]) if Path(config["fork"]).is_file() else run_dir.parent.parent / config["fork"]
+    return run_files.fork_record(state, run_files.read_resume_header(state), config) if state.is_file() else None
 
 
 def update_ratios(run_dir: Path) -> tuple[float, float]:
