@@ -58,8 +58,8 @@ def fork_record(run_dir: Path):
     summary = run_dir / "summary.json"
     if summary.is_file():
         return json.loads(summary.read_text()).get("forked_from")
-    if (run_dir / "resume.state").is_file():
-        return run_files.read_resume_header(run_dir / "resume.state").get("fork")
+    if (run_dir / run_files.RESUME_FILE).is_file():
+        return run_files.read_resume_header(run_dir / run_files.RESUME_FILE).get("fork")
     config = json.loads((run_dir / "args.json").read_text())
     if not config.get("fork"):
         return None

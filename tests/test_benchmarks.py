@@ -358,8 +358,8 @@ def test_forks_table_counts_windows_from_the_switch_and_refuses_a_fork_of_anothe
     early = write_stage2_run(tmp_path / "runs" / "early", "early", 32, switch, {switch + 1_000: 0.3}, {}, {})
     (early / "summary.json").unlink()
     (tmp_path / "parent" / "stage2_start.state").write_bytes(json.dumps(
-        {"format": run_files.RESUME_FORMAT, "version": run_files.RESUME_VERSION, "algorithm": "rfcl", "global_step": switch,
-         "args": {"exp_name": "parent", "grad_updates_per_step": 16}}).encode() + b"\npayload")
+        {"format": run_files.RESUME_FORMAT, "version": run_files.RESUME_VERSION, "algorithm": "rfcl",
+         "global_step": switch, "args": {"exp_name": "parent", "grad_updates_per_step": 16}}).encode() + b"\npayload")
     config = json.loads((early / "args.json").read_text())
     (early / "args.json").write_text(json.dumps({**config, "fork": "parent/stage2_start.state"}))
     report = forks.main(forks.Args(runs=[str(parent), str(early)], out=str(tmp_path / "out"), name="e"))
