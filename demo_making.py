@@ -100,13 +100,15 @@ def generate_demos(env_id: str, obs_mode: str, control_mode: str, num_demos: int
         raw = tmp / f"{name}.h5"
         out = _convert(raw, obs_mode, control_mode, tmp)
         n_ok = len(common.read_json(out.with_suffix(".json"))["episodes"])
-        common.write_json(final_dir / f"{name}.planner.json", {**stats, "converted": n_ok})  # kept also when too few
-        if n_ok < num_demos:
-            raise DemoError(f"only {n_ok}/{n_gen} planner demos of {env_id} converted to {control_mode}; "
-                            f"ask for fewer (--num-demos {n_ok}) or another --control-mode")
-        # the raw pd_joint_pos file is kept too: it is the source the converted one came from
+        common.write_json(final_dir / f"{name}.planner.json", {**stats, "converted": n_ok})
+        # the raw pd_joint_pos file is kept too: it is the source the converted one came from. Both are kept also
+        # when too few converted: minutes of planning, and a smaller --num-demos finds them in the cache.
         for src in (raw, raw.with_suffix(".json"), out, out.with_suffix(".json")):
             os.replace(src, final_dir / src.name)
+    if n_ok < num_demos:
+        fewer = f"ask for fewer (--num-demos {n_ok}: cached, used without planning again) or" if n_ok else "use"
+        raise DemoError(f"only {n_ok}/{n_gen} planner demos of {env_id} converted to {control_mode}; "
+                        f"{fewer} another --control-mode")
     print(f"[demos] {n_ok} demos of {env_id} cached in {final_dir} ({time.time() - t0:.1f} s)", flush=True)
     return final_dir / out.name
 

@@ -164,6 +164,34 @@ def test_a_raw_planner_file_gets_one_command_that_converts_it_and_the_command_wo
     assert common.load_demos(target, 1, ENV_ID, OBS_MODE, CONTROL_MODE).num_trajectories == 1
 
 
+def test_demos_that_did_convert_are_kept_when_too_few_did(demo_path, tmp_path, monkeypatch):
+    """A conversion to the run's control mode can drop some planner demos (PegInsertionSide to pd_ee_delta_pose: 39
+    of 44). The error's --num-demos must then find the ones that converted in the cache, without planning again."""
+    monkeypatch.setenv("MS_ASSET_DIR", str(tmp_path / "assets"))
+    raw = next(p for p in demo_path.parent.glob("generated_*.h5") if p.name.count(".") == 1)
+    n_converted = len(common.read_json(demo_path.with_suffix(".json"))["episodes"])
+
+    def plan(cmd, cwd, what):  # the planner's subprocess: plans as many as asked (the raw file) and its statistics
+        n, stem, stats = int(cmd[4]), Path(cmd[6]), Path(cmd[7])
+        _copy_pair(raw, stem.parent, stem.name)
+        common.write_json(stats, dict(successes=n, attempts=n, seconds_per_success=1.0))
+
+    def convert(raw_h5, obs_mode, control_mode, cwd):  # fewer converted than were planned
+        return _copy_pair(demo_path, raw_h5.parent, f"{raw_h5.stem}.{obs_mode}.{control_mode}.physx_cpu")
+
+    monkeypatch.setattr(demo_making, "_run", plan)
+    monkeypatch.setattr(demo_making, "_convert", convert)
+    _one_line_error(lambda: demo_making.generate_demos(ENV_ID, OBS_MODE, CONTROL_MODE, n_converted + 1),
+                    f"only {n_converted}/", f"--num-demos {n_converted}")
+
+    def no_planning(*args):
+        raise AssertionError("planned again")
+
+    monkeypatch.setattr(demo_making, "_run", no_planning)
+    found = demo_making.get_demos(ENV_ID, OBS_MODE, CONTROL_MODE, n_converted)
+    assert common.load_demos(found, n_converted, ENV_ID, OBS_MODE, CONTROL_MODE).num_trajectories == n_converted
+
+
 def test_no_planner_and_no_file_says_how_to_provide_one(asset_dir):
     msg = _one_line_error(lambda: demo_making.generate_demos("TurnFaucet-v1", OBS_MODE, CONTROL_MODE, 1),
                           "TurnFaucet-v1", "--dataset-path")
