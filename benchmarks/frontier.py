@@ -11,7 +11,10 @@ PullCubeTool and PegInsertionSide, the stages of its own dense reward, see TASK_
 (policy mean) once per start, since CPU simulation repeats exactly; with --stochastic N also N sampled-action
 episodes, as training episodes act. On PickCube a start that fails with is_grasped never true failed to grasp; with
 is_grasped but not is_obj_placed it dropped or never carried the cube; with is_obj_placed it never held still. Prints
-a markdown table; --out also writes it with a json.
+a markdown table; --out also writes it with a json. Above it, for demo states, the same by quarter of the demo (start
+t / T) and by scene: the ones the run trained on (the episode seeds of its first --num-demos demos, in the file
+training finds) and new ones, so that a file of more planner demos (--dataset-path, --num-demos) tells how far along a
+demo a policy that solves its own scenes still solves others.
 
 The policy is built by the script that wrote the checkpoint (a copy of rfcl.py or rlpd.py with an edited Actor
 included; --script names another). An rlpd.py checkpoint is probed the same way, with the run's episode horizon (--max-episode-steps) as the time limit
@@ -109,7 +112,9 @@ def probe(a: Args) -> dict:
     limit = targs.max_episode_steps or vector_env.registered_horizon(targs.env_id)
     physics = run_files.checkpoint_sim_config(ckpt)  # the probe simulates as training did
     demos = path = reverse = None
+    seen, seen_file = None, None
     if not a.initial_states:
+        seen, seen_file = trained_seeds(targs, physics)
         demos, path = demo_making.get_and_load_demos(targs.env_id, targs.obs_mode, targs.control_mode,
                                                 a.num_demos or targs.num_demos, a.dataset_path or targs.dataset_path,
                                                 True, physics)
@@ -162,7 +167,8 @@ def probe(a: Args) -> dict:
     if a.initial_states:  # eval's seeds (common.evaluate)
         starts = [(None, 10**6 + k, {"seed": 10**6 + k}) for k in range(a.initial_states)]
     else:
-        starts = [(i, t, {"demo": i, "T": int(demos.lengths[i]), "start": t})
+        starts = [(i, t, {"demo": i, "seed": int(demos.episodes[i]["episode_seed"]), "T": int(demos.lengths[i]),
+                          "start": t})
                   for i in range(demos.num_trajectories) for t in range(0, int(demos.lengths[i]), a.every)]
     rows = []
     for i, t, where in starts:
@@ -180,13 +186,70 @@ def probe(a: Args) -> dict:
     env.close()
     return {"checkpoint": a.checkpoint, "algorithm": ckpt["algorithm"], "global_step": int(ckpt["global_step"]),
             "dataset": str(path) if path else None, "demo_actions": a.demo_actions,
-            "initial_states": a.initial_states, "rows": rows}
+            "initial_states": a.initial_states, "trained_seeds": seen, "trained_file": seen_file, "rows": rows}
+
+
+def trained_seeds(targs, physics: dict) -> tuple[Optional[list[int]], Optional[str]]:
+    """The episode seeds of the demos the run trained on (the first --num-demos of its --dataset-path, else of the
+    file training finds on this machine; none is made) and that file; (None, None) where there is none."""
+    import common
+
+    path = Path(targs.dataset_path) if targs.dataset_path else common.find_demo_file(
+        targs.env_id, targs.obs_mode, targs.control_mode, targs.num_demos, physics)
+    if path is None or not path.with_suffix(".json").is_file():
+        return None, None
+    episodes = common.read_json(path.with_suffix(".json")).get("episodes", [])[: targs.num_demos]
+    return [int(e["episode_seed"]) for e in episodes], str(path)
+
+
+def by_part(result: dict, parts: int = 4) -> list[dict]:
+    """Demo-state rows pooled by scene (seen: a seed the run trained on; new; or all, where the run's demos are
+    unknown) and by part of the demo the start lies in (start / T in [k / parts, (k + 1) / parts)): the fraction of
+    starts that succeeded (deterministic, and sampled where probed) and that raised each flag."""
+    rows, seen = result["rows"], result.get("trained_seeds")
+    groups: dict[tuple, list] = {}
+    for r in rows:
+        scene = "all" if seen is None else "seen" if r["seed"] in seen else "new"
+        groups.setdefault((scene, min(parts * r["start"] // r["T"], parts - 1)), []).append(r)
+    out = []
+    for (scene, k), rs in sorted(groups.items(), key=lambda g: ({"seen": 0, "new": 1, "all": 2}[g[0][0]], g[0][1])):
+        flags = sorted({f for r in rs for f in (*r["flags"], *r.get("sto_flags", {}))})
+        row = {"scene": scene, "part": f"{100 * k // parts}-{100 * (k + 1) // parts}%",
+               "demos": len({r["demo"] for r in rs}), "starts": len(rs),
+               "once": float(np.mean([r["once"] for r in rs])),
+               "flags": {f: float(np.mean([r["flags"].get(f, False) for r in rs])) for f in flags}}
+        if all("sto_once" in r for r in rs):
+            row["sto_once"] = float(np.mean([r["sto_once"] for r in rs]))
+            row["sto_flags"] = {f: float(np.mean([r["sto_flags"].get(f, 0) for r in rs])) for f in flags}
+        out.append(row)
+    return out
+
+
+def part_table(result: dict) -> str:
+    """by_part as markdown, with what `seen` means."""
+    parts = by_part(result)
+    flags = sorted({f for p in parts for f in p["flags"]})
+    sampled = all("sto_once" in p for p in parts)
+    cols = ["scenes", "start / T", "demos", "starts", "success_once", *flags]
+    cols += ["sampled: success_once", *flags] if sampled else []
+    seen = result.get("trained_seeds")
+    lines = ["By part of the demo: " + (f"`seen` are the scenes the run trained on (episode seeds {seen}, the first "
+             f"demos of `{result['trained_file']}`), `new` the others." if seen is not None else
+             "the run's own demos were not found on this machine, so seen and new scenes are pooled."),
+             "", "| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+    for p in parts:
+        c = [p["scene"], p["part"], p["demos"], p["starts"], f"{p['once']:.2f}",
+             *(f"{p['flags'].get(f, 0):.2f}" for f in flags)]
+        if sampled:
+            c += [f"{p['sto_once']:.2f}", *(f"{p['sto_flags'].get(f, 0):.2f}" for f in flags)]
+        lines.append("| " + " | ".join(map(str, c)) + " |")
+    return "\n".join(lines) + "\n\n"
 
 
 def table(result: dict, stochastic: bool) -> str:
     rows, initial = result["rows"], bool(result.get("initial_states"))
     flags = sorted({k for r in rows for k in (*r["flags"], *r.get("sto_flags", {}))})
-    cols = [*(["seed"] if initial else ["demo", "T", "start"]), "time limit", "success_once", "success_at_end",
+    cols = [*(["seed"] if initial else ["demo", "seed", "T", "start"]), "time limit", "success_once", "success_at_end",
             *flags, "first success at"]
     if stochastic:
         cols += ["sampled: success_once", "success_at_end", *flags]
@@ -206,7 +269,7 @@ def table(result: dict, stochastic: bool) -> str:
         return c
 
     for r in rows:
-        head = [r["seed"]] if initial else [r["demo"], r["T"], r["start"]]
+        head = [r["seed"]] if initial else [r["demo"], r.get("seed", "-"), r["T"], r["start"]]
         lines.append("| " + " | ".join(map(str, [*head, r["horizon"], *cells(r, int)])) + " |")
     if initial and rows:  # the fractions over all seeds, the figure to read first
         mean = {k: float(np.mean([r[k] for r in rows])) for k in ("once", "at_end")}
@@ -236,6 +299,9 @@ def main(a: Args) -> dict:
             sys.exit(f"error: cannot write --out {a.out} ({e.strerror or e}); pass a path in a writable folder")
     result = probe(a)
     md = table(result, a.stochastic > 0 and not a.demo_actions)
+    if not a.initial_states and result["rows"]:  # the pooled table first, under the line that says what ran
+        head, rest = md.split("\n\n", 1)
+        md = head + "\n\n" + part_table(result) + rest
     print(md)
     if a.out:
         import common

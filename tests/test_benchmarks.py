@@ -179,7 +179,7 @@ def test_frontier_probe_replaying_a_demo_succeeds_exactly_where_the_demo_does(de
     import rfcl
     import run_files
 
-    args = rfcl.Args(num_demos=1)
+    args = rfcl.Args(num_demos=1, dataset_path=str(demo_path))
     _, _, state = rfcl.init_sac(args, 42, 8, jax.random.PRNGKey(0))
     ckpt = tmp_path / "fresh.ckpt"
     run_files.save_checkpoint(ckpt, rfcl.checkpoint_meta(args, 42, 8), rfcl.networks(state), 0)
@@ -196,6 +196,31 @@ def test_frontier_probe_replaying_a_demo_succeeds_exactly_where_the_demo_does(de
         assert r["first"] == (need if r["once"] else None), r
     assert any(r["once"] for r in rows) and not all(r["once"] for r in rows), "both cases are exercised"
     assert (tmp_path / "probe.md").read_text().count("\n| 0 |") == len(rows)
+    # the run trained on this demo's scene, so every start is a seen one, pooled by quarter of the demo
+    assert out["trained_seeds"] == [demos.episodes[0]["episode_seed"]]
+    parts = frontier.by_part(out)
+    assert [p["scene"] for p in parts] == ["seen"] * 4 and sum(p["starts"] for p in parts) == len(rows)
+    assert parts[-1]["once"] == 1.0 and "| seen | 75-100% |" in (tmp_path / "probe.md").read_text()
+
+
+def test_frontier_probe_pools_starts_by_part_of_the_demo_and_by_scene():
+    """by_part: a start belongs to the quarter of its demo that start / T falls in, and to the run's seen scenes
+    when its demo's seed is one the run trained on; the fractions are over exactly those starts."""
+    import frontier
+
+    def row(demo, seed, start, once, lined_up):
+        return {"demo": demo, "seed": seed, "T": 100, "start": start, "once": once,
+                "flags": {"is_peg_lined_up": lined_up}, "sto_once": 0.5 * once, "sto_flags": {"is_peg_lined_up": 1.0}}
+
+    rows = [row(0, 7, 0, False, False), row(0, 7, 24, False, True), row(0, 7, 25, True, True), row(0, 7, 99, True, True),
+            row(1, 9, 80, False, False), row(1, 9, 90, True, False), row(2, 11, 75, False, True)]
+    parts = frontier.by_part({"rows": rows, "trained_seeds": [7]})
+    got = {(p["scene"], p["part"]): (p["demos"], p["starts"], p["once"], p["flags"]["is_peg_lined_up"], p["sto_once"])
+           for p in parts}
+    assert got == {("seen", "0-25%"): (1, 2, 0.0, 0.5, 0.0), ("seen", "25-50%"): (1, 1, 1.0, 1.0, 0.5),
+                   ("seen", "75-100%"): (1, 1, 1.0, 1.0, 0.5), ("new", "75-100%"): (2, 3, 1 / 3, 1 / 3, 1 / 6)}
+    assert [p["scene"] for p in parts] == ["seen", "seen", "seen", "new"], "seen scenes first, parts in order"
+    assert {p["scene"] for p in frontier.by_part({"rows": rows, "trained_seeds": None})} == {"all"}
 
 
 def test_frontier_probe_gives_an_rlpd_checkpoint_the_runs_episode_horizon(demo_path, tmp_path):
