@@ -80,8 +80,9 @@ def write_failed(path: Path, e: OSError):
             kept = "this run has no resume state yet, so it cannot be continued; its checkpoints so far are intact"
     else:
         kept = f"the previous {path.name} is intact" if path.exists() else f"{path.name} was not written"
-    fail(f"could not write {path} ({e.strerror or e}): {kept}. Free space on that disk (or make {path.parent} "
-         f"writable); stopped here")
+    fix = (f"Create the folder {path.parent} or write elsewhere" if not path.parent.is_dir() else
+           f"Free space on that disk (or make {path.parent} writable)")
+    fail(f"could not write {path} ({e.strerror or e}): {kept}. {fix}; stopped here")
 
 
 def write_json(path: Path, obj) -> None:

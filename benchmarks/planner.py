@@ -83,7 +83,6 @@ def plan_seeds(args: Args) -> None:
     """--seeds N: each task's planner on seeds 0..N-1 under --sim-config, in a subprocess as generate_demos runs it."""
     physics = vector_env.sim_config(args.sim_config)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     path = out / "planner_seeds.json"
     rows = json.loads(path.read_text()) if path.exists() else {}
     for env_id in args.env_ids:
@@ -104,9 +103,14 @@ def plan_seeds(args: Args) -> None:
 
 
 def main(args: Args) -> None:
+    out = Path(args.out)
+    try:  # before minutes of planning, not after them
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as e:
+        sys.exit(f"error: cannot write --out {out} ({e.strerror or e}); pass a writable folder")
     if args.seeds is not None:
         return plan_seeds(args)
-    out = Path(args.out)
     path = out / "planner.json"
     rows = json.loads(path.read_text()) if path.exists() else {}
     for env_id in args.env_ids:

@@ -396,3 +396,26 @@ def test_forks_table_counts_windows_from_the_switch_and_refuses_a_fork_of_anothe
         forks.main(forks.Args(runs=[str(parent), str(other)], out=str(tmp_path / "out"), name="g"))
     with pytest.raises(SystemExit, match="has not switched to stage 2"):
         forks.main(forks.Args(runs=[str(fork)], out=str(tmp_path / "out"), name="h"))
+
+
+def test_planner_report_folder_is_made_before_planning_and_a_bad_one_stops_before_it(tmp_path, monkeypatch):
+    """benchmarks/planner.py makes its --out folder first (a report that could not be written after minutes of
+    planning was lost), and an --out it cannot write stops it with one line before any planning."""
+    import common
+    import planner
+
+    planned = []
+
+    def fake_generate(*args, **kw):
+        planned.append(args)
+        raise common.DemoError("no planner in this test")
+
+    monkeypatch.setattr(planner.demo_making, "generate_demos", fake_generate)
+    out = tmp_path / "new" / "report"
+    planner.main(planner.Args(env_ids=["PushCube-v1"], num_demos=2, out=str(out)))
+    assert json.loads((out / "planner.json").read_text())["PushCube-v1"]["error"] == "no planner in this test"
+    assert (out / "planner.md").exists() and len(planned) == 1
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit, match=r"cannot write --out .*a_file/report .*pass a writable folder"):
+        planner.main(planner.Args(env_ids=["PushCube-v1"], out=str(tmp_path / "a_file" / "report")))
+    assert len(planned) == 1, "nothing planned for an --out that cannot be written"

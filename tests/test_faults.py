@@ -379,3 +379,13 @@ def test_checkpoints_carry_a_format_version_checked_like_the_resume_states(tmp_p
     old = run_files.load_checkpoint(str(path))
     assert old["algorithm"] == "rfcl" and set(old["networks"]) == set(nets) == set(run_files.V1_NETWORKS)
     assert np.array_equal(old["networks"]["actor_params"]["Dense_0"]["kernel"], nets["actor_params"]["Dense_0"]["kernel"])
+
+
+def test_a_write_into_a_missing_folder_says_to_create_it_not_to_free_space(tmp_path):
+    import common
+
+    path = tmp_path / "gone" / "report.json"
+    with pytest.raises(SystemExit) as e:
+        common.write_json(path, {})
+    assert str(e.value) == (f"error: could not write {path} (No such file or directory): report.json was not written. "
+                            f"Create the folder {path.parent} or write elsewhere; stopped here")
