@@ -14,7 +14,8 @@ is_grasped but not is_obj_placed it dropped or never carried the cube; with is_o
 a markdown table; --out also writes it with a json. Above it, for demo states, the same by quarter of the demo (start
 t / T) and by scene: the ones the run trained on (the episode seeds of its first --num-demos demos, in the file
 training finds) and new ones, so that a file of more planner demos (--dataset-path, --num-demos) tells how far along a
-demo a policy that solves its own scenes still solves others.
+demo a policy that solves its own scenes still solves others, and (new scenes split by how near each is to a seen
+one) whether it solves the new scenes near its own more often.
 
 The policy is built by the script that wrote the checkpoint (a copy of rfcl.py or rlpd.py with an edited Actor
 included; --script names another). An rlpd.py checkpoint is probed the same way, with the run's episode horizon (--max-episode-steps) as the time limit
@@ -167,9 +168,11 @@ def probe(a: Args) -> dict:
     if a.initial_states:  # eval's seeds (common.evaluate)
         starts = [(None, 10**6 + k, {"seed": 10**6 + k}) for k in range(a.initial_states)]
     else:
-        starts = [(i, t, {"demo": i, "seed": int(demos.episodes[i]["episode_seed"]), "T": int(demos.lengths[i]),
-                          "start": t})
-                  for i in range(demos.num_trajectories) for t in range(0, int(demos.lengths[i]), a.every)]
+        seeds = [int(e["episode_seed"]) for e in demos.episodes[: demos.num_trajectories]]
+        near = nearest_seen(np.stack([demos.traj_obs[i][0] for i in range(len(seeds))]), seeds, seen)
+        starts = [(i, t, {"demo": i, "seed": seeds[i], "T": int(demos.lengths[i]), "start": t,
+                          **({"nearest_seen": near[i]} if near else {})})
+                  for i in range(len(seeds)) for t in range(0, int(demos.lengths[i]), a.every)]
     rows = []
     for i, t, where in starts:
         stop_signals.exit_if_signalled()  # a Ctrl-C whose exit was dropped ends it here
@@ -202,17 +205,40 @@ def trained_seeds(targs, physics: dict) -> tuple[Optional[list[int]], Optional[s
     return [int(e["episode_seed"]) for e in episodes], str(path)
 
 
+def nearest_seen(first_obs: np.ndarray, seeds: list[int], seen: Optional[list[int]]) -> Optional[list[float]]:
+    """How far each demo's scene is from the nearest scene the run trained on: the distance between their first
+    observations, each dimension that varies over the file's first observations scaled to unit spread (0 for a
+    seen scene). A crude measure (the robot's own small start noise counts as much as the hole's pose), enough to
+    ask whether a policy solves new scenes near its demos' more often than far ones. None without seen and new."""
+    is_seen = np.isin(seeds, seen if seen is not None else [])
+    if is_seen.all() or not is_seen.any():
+        return None
+    spread = first_obs.std(0)
+    z = first_obs[:, spread > 1e-6] / spread[spread > 1e-6]
+    dist = np.linalg.norm(z[:, None, :] - z[None, is_seen, :], axis=-1).min(1)
+    return [float(d) for d in dist]
+
+
 def by_part(result: dict, parts: int = 4) -> list[dict]:
     """Demo-state rows pooled by scene (seen: a seed the run trained on; new; or all, where the run's demos are
     unknown) and by part of the demo the start lies in (start / T in [k / parts, (k + 1) / parts)): the fraction of
-    starts that succeeded (deterministic, and sampled where probed) and that raised each flag."""
+    starts that succeeded (deterministic, and sampled where probed) and that raised each flag. The new scenes are
+    pooled again in two halves, nearer and farther from a seen scene (nearest_seen), where the rows record it."""
     rows, seen = result["rows"], result.get("trained_seeds")
+    # the new scenes split at the median of their distance to the nearest seen one (nearest_seen), where recorded
+    new = sorted({(r["nearest_seen"], r["demo"]) for r in rows if "nearest_seen" in r and r["seed"] not in seen}
+                 ) if seen is not None else []
+    nearer = {demo for _, demo in new[: len(new) // 2]}
     groups: dict[tuple, list] = {}
     for r in rows:
         scene = "all" if seen is None else "seen" if r["seed"] in seen else "new"
-        groups.setdefault((scene, min(parts * r["start"] // r["T"], parts - 1)), []).append(r)
+        k = min(parts * r["start"] // r["T"], parts - 1)
+        groups.setdefault((scene, k), []).append(r)
+        if scene == "new" and len(new) >= 2:
+            groups.setdefault(("new, nearer half" if r["demo"] in nearer else "new, farther half", k), []).append(r)
     out = []
-    for (scene, k), rs in sorted(groups.items(), key=lambda g: ({"seen": 0, "new": 1, "all": 2}[g[0][0]], g[0][1])):
+    order = {"seen": 0, "new": 1, "new, nearer half": 2, "new, farther half": 3, "all": 4}
+    for (scene, k), rs in sorted(groups.items(), key=lambda g: (order[g[0][0]], g[0][1])):
         flags = sorted({f for r in rs for f in (*r["flags"], *r.get("sto_flags", {}))})
         row = {"scene": scene, "part": f"{100 * k // parts}-{100 * (k + 1) // parts}%",
                "demos": len({r["demo"] for r in rs}), "starts": len(rs),
@@ -234,7 +260,9 @@ def part_table(result: dict) -> str:
     cols += ["sampled: success_once", *flags] if sampled else []
     seen = result.get("trained_seeds")
     lines = ["By part of the demo: " + (f"`seen` are the scenes the run trained on (episode seeds {seen}, the first "
-             f"demos of `{result['trained_file']}`), `new` the others." if seen is not None else
+             f"demos of `{result['trained_file']}`), `new` the others" + ("; the new ones also in two halves by how near "
+             "their first observation is to a seen scene's (each varying dimension scaled to unit spread over the "
+             "file)." if any(p["scene"].startswith("new,") for p in parts) else ".") if seen is not None else
              "the run's own demos were not found on this machine, so seen and new scenes are pooled."),
              "", "| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     for p in parts:

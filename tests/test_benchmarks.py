@@ -201,6 +201,13 @@ def test_frontier_probe_replaying_a_demo_succeeds_exactly_where_the_demo_does(de
     parts = frontier.by_part(out)
     assert [p["scene"] for p in parts] == ["seen"] * 4 and sum(p["starts"] for p in parts) == len(rows)
     assert parts[-1]["once"] == 1.0 and "| seen | 75-100% |" in (tmp_path / "probe.md").read_text()
+    # all three demos of the file: the run's scene and two new ones, each measured from the seen one, in two halves
+    out = frontier.main(frontier.Args(str(ckpt), dataset_path=str(demo_path), num_demos=3, every=40,
+                                      demo_actions=True, out=str(tmp_path / "probe3")))
+    near = {r["demo"]: r["nearest_seen"] for r in out["rows"]}
+    assert near[0] == 0.0 and near[1] > 0 and near[2] > 0, near
+    md = (tmp_path / "probe3.md").read_text()
+    assert "| new, nearer half |" in md and "| new, farther half |" in md
 
 
 def test_frontier_probe_pools_starts_by_part_of_the_demo_and_by_scene():
@@ -221,6 +228,32 @@ def test_frontier_probe_pools_starts_by_part_of_the_demo_and_by_scene():
                    ("seen", "75-100%"): (1, 1, 1.0, 1.0, 0.5), ("new", "75-100%"): (2, 3, 1 / 3, 1 / 3, 1 / 6)}
     assert [p["scene"] for p in parts] == ["seen", "seen", "seen", "new"], "seen scenes first, parts in order"
     assert {p["scene"] for p in frontier.by_part({"rows": rows, "trained_seeds": None})} == {"all"}
+
+
+def test_frontier_probe_splits_new_scenes_by_how_near_they_are_to_a_seen_one():
+    """nearest_seen: the distance of each scene's first observation to the nearest seen scene's, each varying
+    dimension scaled to unit spread (a constant one ignored); by_part pools the new scenes again in a nearer and a
+    farther half by it."""
+    import frontier
+
+    first = np.array([[0.0, 5.0, 0.0], [0.0, 5.0, 2.0], [3.0, 5.0, 0.0], [0.0, 5.0, 8.0], [1.0, 5.0, 1.0]])
+    near = frontier.nearest_seen(first, [7, 8, 9, 10, 11], seen=[7, 8])
+    spread = first.std(0)
+    assert near[0] == near[1] == 0.0
+    assert np.allclose(near[2:], [3 / spread[0], 6 / spread[2], np.hypot(1 / spread[0], 1 / spread[2])])
+    assert frontier.nearest_seen(first, [7, 8, 9, 10, 11], seen=[1]) is None, "no seen scene: nothing to measure"
+    assert frontier.nearest_seen(first, [7, 8, 9, 10, 11], seen=None) is None
+
+    def row(demo, seed, once):
+        return {"demo": demo, "seed": seed, "T": 10, "start": 9, "once": once, "flags": {},
+                "nearest_seen": [0.0, 0.0, near[2], near[3], near[4]][demo]}
+
+    rows = [row(0, 7, True), row(2, 9, False), row(3, 10, False), row(4, 11, True), row(4, 11, True)]
+    got = {p["scene"]: (p["demos"], p["starts"], p["once"]) for p in frontier.by_part({"rows": rows,
+                                                                                     "trained_seeds": [7, 8]})}
+    # new scenes 9 (the farthest), 10 and 11 (the nearest): one nearer, two farther
+    assert got == {"seen": (1, 1, 1.0), "new": (3, 4, 0.5), "new, nearer half": (1, 2, 1.0),
+                   "new, farther half": (2, 2, 0.0)}
 
 
 def test_frontier_probe_gives_an_rlpd_checkpoint_the_runs_episode_horizon(demo_path, tmp_path):
